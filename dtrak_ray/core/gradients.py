@@ -1,0 +1,99 @@
+"""Per-sample gradients of an output function, averaged over a timestep grid (SPEC.md section 2).
+
+Interface:
+- ``GradientComputer(model, scheduler, param_names=None)``: holds the model (eval mode) and the
+  parameters to differentiate (all trainable ones by default; a subset for LoRA).
+- ``averaged(x, indices, f, grids, noise_seed, scheme)`` -> ``{K: (B, p)}``: for every grid,
+  g(x) = (1/K) sum_k grad_theta f(x, t_k, eps_k), computed with ``torch.func.vmap(grad(.))``. Nested
+  grids (K = 10 inside K = 100) share their timesteps: each (sample, t) gradient is computed once.
+- ``reference_averaged``: the same with a plain autograd loop, one sample and one timestep at a
+  time; the tests compare the two.
+The caller bounds memory by passing micro-batches: at most B full gradients (B x p) live at once
+per grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from torch.func import functional_call, grad, vmap
+
+from dtrak_ray.core.diffusion import NoiseScheme, add_noise, elbo_weight, keyed_noise
+from dtrak_ray.core.outputs import get_output_function
+
+
+class GradientComputer:
+    """Per-sample gradients of ``f`` with respect to the chosen parameters, flattened to (B, p)."""
+
+    def __init__(self, model: torch.nn.Module, scheduler: DDPMScheduler, param_names: Sequence[str] | None = None):
+        self.model = model.eval()  # dropout off while gradients are taken (SPEC.md)
+        self.scheduler = scheduler
+        named = dict(model.named_parameters())
+        names = list(param_names) if param_names is not None else [n for n, p in named.items() if p.requires_grad]
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"param_names not in the model: {missing[:3]}")
+        self.names = names
+        self.params = {n: named[n].detach() for n in names}
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.frozen = {n: p.detach() for n, p in named.items() if n not in self.params}
+        self.dim = sum(p.numel() for p in self.params.values())
+
+    def _per_sample(self, f_name: str):  # noqa: ANN202 - a functorch transform
+        f = get_output_function(f_name)
+        model, frozen, buffers = self.model, self.frozen, self.buffers
+
+        def loss(params: Mapping[str, torch.Tensor], xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, ({**params, **frozen}, buffers), (xt[None], t[None])).sample[0]
+            return f(out, eps, w)
+
+        return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))
+
+    def _flatten(self, g: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
+        return torch.cat([g[n].reshape(batch, -1) for n in self.names], dim=1)
+
+    def averaged(
+        self,
+        x: torch.Tensor,
+        indices: Sequence[int],
+        f: str,
+        grids: Mapping[int, Sequence[int]],
+        noise_seed: int,
+        scheme: NoiseScheme = "per-sample",
+    ) -> dict[int, torch.Tensor]:
+        """``{K: (B, p)}`` gradients of f averaged over each grid's timesteps."""
+        batch = x.shape[0]
+        per_sample = self._per_sample(f)
+        sums = {K: torch.zeros(batch, self.dim) for K in grids}
+        members = {t: [K for K, grid in grids.items() if t in set(grid)] for t in sorted({t for g in grids.values() for t in g})}
+        for t, Ks in members.items():
+            eps = keyed_noise(x.shape[1:], noise_seed, t, indices, scheme)
+            tt = torch.full((batch,), t, dtype=torch.long)
+            xt = add_noise(self.scheduler, x, eps, tt)
+            w = elbo_weight(self.scheduler, tt)
+            flat = self._flatten(per_sample(self.params, xt, eps, tt, w), batch)
+            for K in Ks:
+                sums[K] += flat
+        return {K: sums[K] / len(grids[K]) for K in grids}
+
+    def reference_averaged(
+        self, x: torch.Tensor, indices: Sequence[int], f: str, grid: Sequence[int], noise_seed: int, scheme: NoiseScheme = "per-sample"
+    ) -> torch.Tensor:
+        """The same average with plain autograd, one (sample, timestep) at a time. Slow; for tests."""
+        fn = get_output_function(f)
+        params = [dict(self.model.named_parameters())[n] for n in self.names]
+        rows = []
+        for i, idx in enumerate(indices):
+            acc = torch.zeros(self.dim, dtype=torch.float64)
+            for t in grid:
+                eps = keyed_noise(x.shape[1:], noise_seed, t, [idx], scheme)
+                tt = torch.tensor([t])
+                xt = add_noise(self.scheduler, x[i : i + 1], eps, tt)
+                out = self.model(xt, tt).sample[0]
+                value = fn(out, eps[0], elbo_weight(self.scheduler, tt)[0])
+                gs = torch.autograd.grad(value, params)
+                acc += torch.cat([g.reshape(-1) for g in gs]).double()
+            rows.append(acc / len(grid))
+        return torch.stack(rows)

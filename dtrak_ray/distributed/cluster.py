@@ -1,0 +1,48 @@
+"""Connecting to Ray: a local instance by default, or an existing cluster (``address``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker asks of the cluster, and how many run at once."""
+
+    workers: int
+    cpus: float = 1.0
+    gpus: float = 0.0
+    torch_threads: int = 1
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start or join Ray. Only entrypoints call this; nothing starts Ray at import time.
+
+    ``address`` None starts a local instance (dashboard off, so nothing listens beyond loopback)
+    unless ``RAY_ADDRESS`` names a cluster; "auto" joins the cluster this machine belongs to.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def available_workers(cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many workers of this size fit in the cluster as it is now (at least one)."""
+    total = ray.cluster_resources()
+    by_cpu = int(total.get("CPU", 1) // cpus_per_worker)
+    if gpus_per_worker > 0:
+        return max(1, min(by_cpu, int(total.get("GPU", 0) // gpus_per_worker)))
+    return max(1, by_cpu)
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

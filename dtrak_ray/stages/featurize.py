@@ -1,0 +1,121 @@
+"""Stage ``featurize``: projected per-sample gradients of every split, by sharded Ray actors.
+
+Each actor loads the base model and builds the projector once, then takes shards: contiguous row
+ranges aligned with the Zarr chunks of ``features/base/{split}/{f}-K{K}-{proj}-k{k}.zarr``. It
+writes its rows straight into the arrays (no feature data passes through the driver) and marks the
+shard complete after the write. A rerun computes only unmarked shards. All K of the config come
+from one pass: the grids are nested, so each (sample, timestep) gradient is computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from dtrak_ray.config import ExperimentConfig
+from dtrak_ray.core.diffusion import timestep_grid
+from dtrak_ray.core.gradients import GradientComputer
+from dtrak_ray.core.models import count_parameters
+from dtrak_ray.core.projectors import make_projector
+from dtrak_ray.distributed.pool import map_actors
+from dtrak_ray.stages.common import Context, load_images, load_model, new_model, provenance, scheduler_of
+from dtrak_ray.storage import RunStore
+
+SPLITS = ("train", "val", "gen")
+MODEL = "base"
+
+
+@dataclass(frozen=True)
+class Shard:
+    split: str
+    f: str
+    index: int
+    start: int
+    stop: int
+
+
+def feature_dim(cfg: ExperimentConfig, p: int) -> int:
+    return p if cfg.features.projector == "none" else cfg.features.k
+
+
+def features_key(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int, k: int) -> str:
+    return run.features(MODEL, split, f, K, cfg.features.projector, k)
+
+
+def _shard_marker(cfg: ExperimentConfig, shard: Shard, k: int) -> str:
+    return f"features/{MODEL}/{shard.split}/{shard.f}-{cfg.features.projector}-k{k}/shard-{shard.index:05d}"
+
+
+class Featurizer:
+    """Lives in one actor: the model, gradient computer and projector, built once."""
+
+    def __init__(self, run: RunStore, cfg: ExperimentConfig, digest: str):
+        self.run, self.cfg, self.digest = run, cfg, digest
+        model, _ = load_model(run, run.base_model(0))
+        self.grads = GradientComputer(model, scheduler_of(cfg))
+        fc = cfg.features
+        self.projector = make_projector(fc.projector, self.grads.dim, fc.k, fc.projector_seed)
+        self.k = feature_dim(cfg, self.grads.dim)
+        T = cfg.diffusion.num_train_timesteps
+        self.grids = {K: timestep_grid(K, T) for K in fc.K}
+        self.images: dict[str, torch.Tensor] = {}
+
+    def __call__(self, shard: Shard) -> int:
+        fc = self.cfg.features
+        marker = _shard_marker(self.cfg, shard, self.k)
+        if self.run.done(marker, self.digest):
+            return 0
+        if shard.split not in self.images:
+            self.images[shard.split] = load_images(self.run, shard.split)
+        x = self.images[shard.split]
+        rows: dict[int, list[torch.Tensor]] = {K: [] for K in self.grids}
+        for start in range(shard.start, shard.stop, fc.micro_batch):
+            idx = list(range(start, min(start + fc.micro_batch, shard.stop)))
+            # Noise is keyed by (seed, t, sample index within the split) so features do not depend on sharding.
+            g = self.grads.averaged(x[idx], idx, shard.f, self.grids, fc.noise_seed, fc.noise)
+            for K, gk in g.items():
+                rows[K].append(self.projector.project(gk))
+        for K, parts in rows.items():
+            arr = self.run.open_array(features_key(self.run, self.cfg, shard.split, shard.f, K, self.k), mode="r+")
+            arr[shard.start : shard.stop] = torch.cat(parts).numpy().astype(fc.dtype)
+        self.run.mark_done(marker, digest=self.digest)
+        return shard.stop - shard.start
+
+
+def plan_shards(n: int, split: str, f: str, shard_size: int) -> list[Shard]:
+    return [Shard(split, f, i, s, min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
+
+
+def run_featurize(ctx: Context, digest: str) -> None:
+    cfg, run, fc = ctx.cfg, ctx.run, ctx.cfg.features
+    _, model_digest = load_model(run, run.base_model(0))
+    k = feature_dim(cfg, count_parameters(new_model(cfg, 0)))
+    shards: list[Shard] = []
+    for split in SPLITS:
+        n = load_images(run, split).shape[0]
+        for f in fc.output_functions:
+            for K in fc.K:
+                key = features_key(run, cfg, split, f, K, k)
+                if not run.exists(key) or run.open_array(key).attrs.get("digest") != digest:
+                    attrs = provenance(
+                        cfg, digest=digest, split=split, output_function=f, K=K, timestep_strategy=fc.timestep_strategy,
+                        noise=fc.noise, noise_seed=fc.noise_seed, projector=fc.projector, projector_seed=fc.projector_seed,
+                        k=k, model=MODEL, model_digest=model_digest, dtype=fc.dtype,
+                    )
+                    run.create_array(key, (n, k), (fc.shard_size, k), fc.dtype, attrs)
+            shards += plan_shards(n, split, f, fc.shard_size)
+    todo = [s for s in shards if not run.done(_shard_marker(cfg, s, k), digest)]
+    if len(todo) < len(shards):
+        ctx.log(f"  {len(shards) - len(todo)} of {len(shards)} shards already featurized: reused")
+    map_actors(
+        partial(Featurizer, run, cfg, digest), todo, ctx.resources, "featurize", weight=lambda s: s.stop - s.start, unit="rows"
+    )
+
+
+def read_features(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int) -> tuple["object", dict]:
+    """(n, k) float64 features of a split and their provenance attributes."""
+    k = feature_dim(cfg, count_parameters(new_model(cfg, 0)))
+    arr = run.open_array(features_key(run, cfg, split, f, K, k))
+    return arr[...].astype("float64"), dict(arr.attrs)
