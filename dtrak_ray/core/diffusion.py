@@ -82,7 +82,8 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor, t: 
 
 def elbo_weight(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
     """w_t = beta_t / (2 alpha_t (1 - abar_t)), the ELBO weight of L_Simple at step t."""
+    # Recompute abar in float64: at t = 0, 1 - abar is ~1e-4 and float32 loses 4 digits of it.
     betas = scheduler.betas.to(torch.float64)
     alphas = 1 - betas
-    abar = scheduler.alphas_cumprod.to(torch.float64)
+    abar = torch.cumprod(alphas, 0)
     return (betas[t] / (2 * alphas[t] * (1 - abar[t]))).to(torch.float32)

@@ -153,8 +153,9 @@ def lds(
         n_resamples=n_resamples,
         vectorized=False,
         method="percentile",
-        # ``rng`` is SciPy's current name for ``random_state``; same draws from the same Generator.
-        rng=np.random.default_rng(seed),
+        # ``random_state`` rather than its newer alias ``rng`` (SciPy >= 1.15): the project supports
+        # SciPy >= 1.11, and both draw the same resamples from the same Generator.
+        random_state=np.random.default_rng(seed),
     )
     dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
     with warnings.catch_warnings():

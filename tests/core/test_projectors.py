@@ -1,0 +1,49 @@
+"""Projectors: Johnson-Lindenstrauss behaviour, prefix property, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtrak_ray.core.projectors import COL_BLOCK, ROW_BLOCK, GaussianProjector, RademacherProjector, make_projector
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_johnson_lindenstrauss_inner_products(kind):
+    p, k = 3000, 2048
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, p, generator=g) / p**0.5
+    proj = make_projector(kind, p, k, seed=1)
+    y = proj.project(x) / k**0.5  # unscaled entries: divide by sqrt(k) to compare
+    true = x @ x.T
+    approx = y @ y.T
+    # JL: relative error of order sqrt(2/k) on norms and inner products of unit-ish vectors.
+    assert torch.allclose(approx, true, atol=4 * (2 / k) ** 0.5)
+
+
+def test_matches_dense_matrix_across_tiles():
+    p, k = ROW_BLOCK + 37, COL_BLOCK + 5
+    proj = GaussianProjector(p, k, seed=3, cache_bytes=0)
+    x = torch.randn(4, p)
+    torch.testing.assert_close(proj.project(x), x @ proj.matrix(), rtol=1e-4, atol=1e-3)
+
+
+def test_prefix_property_and_determinism():
+    p = 700
+    big = GaussianProjector(p, 1200, seed=9).matrix()
+    small = GaussianProjector(p, 300, seed=9).matrix()
+    torch.testing.assert_close(big[:, :300], small)
+    again = GaussianProjector(p, 1200, seed=9, cache_bytes=0).matrix()
+    torch.testing.assert_close(big, again)
+    assert not torch.allclose(GaussianProjector(p, 300, seed=10).matrix(), small)
+
+
+def test_rademacher_entries_and_validation():
+    m = RademacherProjector(100, 50, seed=0).matrix()
+    assert set(m.unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="k > 0"):
+        GaussianProjector(10, 0, seed=0)
+    with pytest.raises(ValueError, match="unknown projector"):
+        make_projector("fourier", 10, 4, 0)
+    with pytest.raises(ValueError, match="coordinates"):
+        GaussianProjector(10, 4, seed=0).project(torch.zeros(2, 11))
