@@ -42,14 +42,22 @@ class GradientComputer:
         self.dim = sum(p.numel() for p in self.params.values())
 
     def _per_sample(self, f_name: str):  # noqa: ANN202 - a functorch transform
-        f = get_output_function(f_name)
+        """vmap over samples of grad of sum_g f(x_{t_g}) over a group of timesteps of one sample.
+
+        The model is in eval mode and has no batch-coupled layers (GroupNorm, not BatchNorm), so
+        the gradient of a sum over one sample's timesteps is the sum of its per-timestep gradients:
+        one backward of a batch of G timesteps replaces G backwards of batch one.
+        """
+        f = vmap(get_output_function(f_name))
         model, frozen, buffers = self.model, self.frozen, self.buffers
 
-        def loss(params: Mapping[str, torch.Tensor], xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, ({**params, **frozen}, buffers), (xt[None], t[None])).sample[0]
-            return f(out, eps, w)
+        def loss(
+            params: Mapping[str, torch.Tensor], xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, w: torch.Tensor
+        ) -> torch.Tensor:
+            out = functional_call(model, ({**params, **frozen}, buffers), (xt, t)).sample
+            return f(out, eps, w).sum()
 
-        return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))
+        return vmap(grad(loss), in_dims=(None, 0, 0, None, None))
 
     def _flatten(self, g: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
         return torch.cat([g[n].reshape(batch, -1) for n in self.names], dim=1)
@@ -62,20 +70,30 @@ class GradientComputer:
         grids: Mapping[int, Sequence[int]],
         noise_seed: int,
         scheme: NoiseScheme = "per-sample",
+        max_rows: int = 512,
     ) -> dict[int, torch.Tensor]:
-        """``{K: (B, p)}`` gradients of f averaged over each grid's timesteps."""
+        """``{K: (B, p)}`` gradients of f averaged over each grid's timesteps.
+
+        Timesteps are grouped by the set of grids they belong to (nested grids share work); each
+        group is processed in chunks of at most ``max_rows // B`` timesteps, bounding activations.
+        """
         batch = x.shape[0]
         per_sample = self._per_sample(f)
         sums = {K: torch.zeros(batch, self.dim) for K in grids}
-        members = {t: [K for K, grid in grids.items() if t in set(grid)] for t in sorted({t for g in grids.values() for t in g})}
-        for t, Ks in members.items():
-            eps = keyed_noise(x.shape[1:], noise_seed, t, indices, scheme)
-            tt = torch.full((batch,), t, dtype=torch.long)
-            xt = add_noise(self.scheduler, x, eps, tt)
-            w = elbo_weight(self.scheduler, tt)
-            flat = self._flatten(per_sample(self.params, xt, eps, tt, w), batch)
-            for K in Ks:
-                sums[K] += flat
+        sets = {K: set(grid) for K, grid in grids.items()}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for t in sorted(set().union(*sets.values())):
+            groups.setdefault(tuple(K for K in grids if t in sets[K]), []).append(t)
+        chunk = max(1, max_rows // max(batch, 1))
+        for Ks, ts in groups.items():
+            for start in range(0, len(ts), chunk):
+                part = ts[start : start + chunk]
+                eps = torch.stack([keyed_noise(x.shape[1:], noise_seed, t, indices, scheme) for t in part], dim=1)
+                tt = torch.tensor(part, dtype=torch.long)
+                xt = add_noise(self.scheduler, x[:, None].expand_as(eps).reshape(-1, *x.shape[1:]), eps.reshape(-1, *x.shape[1:]), tt.repeat(batch))
+                flat = self._flatten(per_sample(self.params, xt.view_as(eps), eps, tt, elbo_weight(self.scheduler, tt)), batch)
+                for K in Ks:
+                    sums[K] += flat
         return {K: sums[K] / len(grids[K]) for K in grids}
 
     def reference_averaged(
