@@ -39,6 +39,10 @@ import zarr
 from dtrak_ray.errors import MissingArtifactError, StoreError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def storage_options_from_env() -> dict[str, Any]:
     """Storage options for fsspec: ``DTRAK_STORAGE_OPTIONS`` (JSON) plus an S3 endpoint from
     ``AWS_ENDPOINT_URL``. Credentials are left to s3fs/botocore, which read the environment."""
@@ -148,6 +152,7 @@ class RunStore:
             fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: keep a shared store readable
             os.replace(tmp, path)
         else:
             with self.fs.open(path, "wb") as fh:  # an S3 PUT is atomic
