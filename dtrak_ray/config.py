@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dtrak_ray.errors import ConfigError
 
 OutputFunction = Literal["l_simple", "l_elbo", "l_square", "l_avg", "l_1", "l_2", "l_inf"]
-ProjectorKind = Literal["gaussian", "rademacher", "none"]
+ProjectorKind = Literal["gaussian", "rademacher", "sjlt", "trak-cuda", "none"]
 
 
 class _Section(BaseModel):
@@ -100,7 +100,10 @@ class LDSConfig(_Section):
 class FeaturesConfig(_Section):
     output_functions: tuple[OutputFunction, ...] = Field(("l_simple", "l_square"), min_length=1)
     K: tuple[int, ...] = Field((10, 100), min_length=1, description="Timesteps per feature.")
-    timestep_strategy: Literal["uniform"] = "uniform"
+    timestep_strategy: Literal["uniform", "cumulative", "random"] = Field(
+        "uniform", description="uniform: range(0, T, T // K) (the paper); cumulative: the first K; random: K seeded draws."
+    )
+    timestep_seed: int = Field(0, description="Seed of the random timestep strategy.")
     noise: Literal["per-sample", "shared"] = Field(
         "per-sample", description="per-sample: noise keyed by (seed, t, index); shared: by (seed, t)."
     )
@@ -158,6 +161,15 @@ class ExperimentConfig(_Section):
     scoring: ScoringConfig = ScoringConfig()
     report: ReportConfig = ReportConfig()
     resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _gpu_projector(self) -> ExperimentConfig:
+        if self.features.projector == "trak-cuda" and self.resources.gpus_per_worker <= 0:
+            raise ValueError(
+                "features.projector=trak-cuda runs on GPUs only: set resources.gpus_per_worker=1 on a GPU cluster, "
+                "or use gaussian, rademacher or sjlt"
+            )
+        return self
 
     def section_digest(self, *sections: str) -> str:
         """A short digest of the named sections (dotted names allowed), for stage markers."""

@@ -43,6 +43,8 @@ def test_overrides_are_validated_like_the_file():
         ("model.attention_levels=[5]", "model: attention_levels", "outside"),
         ("features.shard_sise=4", "features.shard_sise", "unknown field"),
         ("name=bad/name", "name", "pattern"),
+        ("features.projector=trak-cuda", "features.projector=trak-cuda", "gpus_per_worker"),
+        ("features.timestep_strategy=log", "features.timestep_strategy", "uniform"),
     ],
 )
 def test_invalid_values_name_the_field(override, field, hint):

@@ -46,11 +46,24 @@ def make_ddim(ddpm: DDPMScheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(ddpm.config)
 
 
-def timestep_grid(K: int, num_train_timesteps: int = 1000) -> list[int]:
-    """The paper's "uniform" grid: ``range(0, T, T // K)`` (K timesteps when K divides T)."""
+def timestep_grid(K: int, num_train_timesteps: int = 1000, strategy: str = "uniform", seed: int = 0) -> list[int]:
+    """K timesteps at which gradients are taken.
+
+    - uniform (the paper's): ``range(0, T, T // K)``, K timesteps when K divides T;
+    - cumulative: the first K timesteps, ``range(K)`` (the authors' other option);
+    - random: K distinct timesteps drawn with ``seed``, sorted.
+    Uniform and cumulative grids of smaller K are subsets of larger ones when K divides K'.
+    """
     if not 1 <= K <= num_train_timesteps:
         raise ValueError(f"K={K} must be in 1..{num_train_timesteps}")
-    return list(range(0, num_train_timesteps, num_train_timesteps // K))[:K]
+    if strategy == "uniform":
+        return list(range(0, num_train_timesteps, num_train_timesteps // K))[:K]
+    if strategy == "cumulative":
+        return list(range(K))
+    if strategy == "random":
+        g = torch.Generator().manual_seed(mix_seed(seed, K))
+        return sorted(torch.randperm(num_train_timesteps, generator=g)[:K].tolist())
+    raise ValueError(f"unknown timestep strategy {strategy!r}: use uniform, cumulative or random")
 
 
 def keyed_noise(

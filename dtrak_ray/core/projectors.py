@@ -7,6 +7,12 @@ Implementations:
 - ``IdentityProjector`` ("none"): no projection, k = p. The reference.
 - ``GaussianProjector``: the paper's unscaled i.i.d. N(0, 1) matrix.
 - ``RademacherProjector``: the same with +-1 entries.
+- ``SJLTProjector``: a sparse Johnson-Lindenstrauss transform: each gradient coordinate goes to
+  ``s`` output coordinates with random signs, O(p s) per sample instead of O(p k). Entries are
+  +-sqrt(k / s), so E[P P^T] = k I as for the dense kinds and one lambda grid serves them all.
+  It has no prefix property (a coordinate's targets depend on k).
+- ``TrakCudaProjector``: the TRAK library's CudaProjector (fast_jl), the authors' choice; needs a
+  CUDA device and fast_jl, and is refused with a clear message elsewhere.
 
 P is never stored: it is generated in (row block, column block) tiles, each from its own
 counter-based seed ``mix_seed(seed, row_block, col_block)`` on the CPU generator. So the matrix is the
@@ -102,12 +108,70 @@ class RademacherProjector(_TiledProjector):
         return torch.randint(0, 2, (rows, cols), generator=g).mul_(2).sub_(1).to(torch.float32)
 
 
+class SJLTProjector:
+    """Sparse JL: coordinate i adds sign * sqrt(k/s) * g_i to ``s`` output coordinates."""
+
+    def __init__(self, p: int, k: int, seed: int, s: int = 4):
+        if p <= 0 or k <= 0 or s <= 0:
+            raise ValueError(f"sjlt projector needs p, k, s > 0, got p={p}, k={k}, s={s}")
+        self.p, self.k, self.s, self.seed = p, k, min(s, k), seed
+        idx, sign = [], []
+        for rb in range(-(-p // ROW_BLOCK)):
+            rows = min(ROW_BLOCK, p - rb * ROW_BLOCK)
+            g = torch.Generator().manual_seed(mix_seed(seed, rb, -7))
+            idx.append(torch.randint(0, k, (rows, self.s), generator=g))
+            sign.append(torch.randint(0, 2, (rows, self.s), generator=g).mul_(2).sub_(1).to(torch.float32))
+        self.idx = torch.cat(idx)  # (p, s)
+        self.sign = torch.cat(sign) * (k / self.s) ** 0.5
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[-1] != self.p:
+            raise ValueError(f"gradients have {grads.shape[-1]} coordinates, projector expects p={self.p}")
+        g32 = grads.to(torch.float32)
+        out = torch.zeros(grads.shape[0], self.k, dtype=torch.float32, device=grads.device)
+        for j in range(self.s):
+            out.index_add_(1, self.idx[:, j].to(grads.device), g32 * self.sign[:, j].to(grads.device))
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        m = torch.zeros(self.p, self.k)
+        for j in range(self.s):
+            m.index_put_((torch.arange(self.p), self.idx[:, j]), self.sign[:, j], accumulate=True)
+        return m
+
+
+class TrakCudaProjector:
+    """The TRAK library's CUDA projector (Rademacher, fast_jl kernels)."""
+
+    def __init__(self, p: int, k: int, seed: int, device: str = "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("projector 'trak-cuda' needs a CUDA GPU; on this machine use gaussian, rademacher or sjlt")
+        try:
+            import fast_jl  # noqa: F401
+            from trak.projectors import CudaProjector, ProjectionType
+        except ImportError:
+            raise ValueError(
+                "projector 'trak-cuda' needs TRAK's fast_jl kernels: pip install traker[fast] (nvcc required), "
+                "or use gaussian, rademacher or sjlt"
+            ) from None
+        self.p, self.k = p, k
+        # fast_jl works in multiples of 512 output dimensions.
+        self._proj = CudaProjector(p, k, seed, ProjectionType.rademacher, device, max_batch_size=32)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        return self._proj.project(grads.to("cuda"), model_id=0).float().cpu()
+
+
 def make_projector(kind: str, p: int, k: int, seed: int, cache_bytes: int = 2 << 30) -> Projector:
     """Build a projector from its config name."""
+    if kind == "sjlt":
+        return SJLTProjector(p, k, seed)
+    if kind == "trak-cuda":
+        return TrakCudaProjector(p, k, seed)
     if kind == "gaussian":
         return GaussianProjector(p, k, seed, cache_bytes)
     if kind == "rademacher":
         return RademacherProjector(p, k, seed, cache_bytes)
     if kind == "none":
         return IdentityProjector(p)
-    raise ValueError(f"unknown projector {kind!r}: choose gaussian, rademacher or none")
+    raise ValueError(f"unknown projector {kind!r}: choose gaussian, rademacher, sjlt, trak-cuda or none")

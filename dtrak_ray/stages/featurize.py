@@ -59,7 +59,7 @@ class Featurizer:
         self.projector = make_projector(fc.projector, self.grads.dim, fc.k, fc.projector_seed)
         self.k = feature_dim(cfg, self.grads.dim)
         T = cfg.diffusion.num_train_timesteps
-        self.grids = {K: timestep_grid(K, T) for K in fc.K}
+        self.grids = {K: timestep_grid(K, T, fc.timestep_strategy, fc.timestep_seed) for K in fc.K}
         self.images: dict[str, torch.Tensor] = {}
 
     def __call__(self, shard: Shard) -> int:
@@ -100,7 +100,7 @@ def run_featurize(ctx: Context, digest: str) -> None:
                 key = features_key(run, cfg, split, f, K, k)
                 if not run.exists(key) or run.open_array(key).attrs.get("digest") != digest:
                     attrs = provenance(
-                        cfg, digest=digest, split=split, output_function=f, K=K, timestep_strategy=fc.timestep_strategy,
+                        cfg, digest=digest, split=split, output_function=f, K=K, timestep_strategy=fc.timestep_strategy, timestep_seed=fc.timestep_seed,
                         noise=fc.noise, noise_seed=fc.noise_seed, projector=fc.projector, projector_seed=fc.projector_seed,
                         k=k, model=MODEL, model_digest=model_digest, dtype=fc.dtype,
                     )

@@ -16,6 +16,12 @@ def test_uniform_grid_is_the_papers():
     assert set(timestep_grid(10)) <= set(timestep_grid(100))
     with pytest.raises(ValueError):
         timestep_grid(0)
+    assert timestep_grid(5, strategy="cumulative") == [0, 1, 2, 3, 4]
+    rnd = timestep_grid(10, strategy="random", seed=3)
+    assert len(set(rnd)) == 10 and rnd == sorted(rnd) and rnd == timestep_grid(10, strategy="random", seed=3)
+    assert rnd != timestep_grid(10, strategy="random", seed=4)
+    with pytest.raises(ValueError, match="timestep strategy"):
+        timestep_grid(10, strategy="log")
 
 
 def test_keyed_noise_depends_only_on_key():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtrak_ray.core.projectors import COL_BLOCK, ROW_BLOCK, GaussianProjector, RademacherProjector, make_projector
+from dtrak_ray.core.projectors import COL_BLOCK, ROW_BLOCK, GaussianProjector, RademacherProjector, SJLTProjector, TrakCudaProjector, make_projector
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])
 def test_johnson_lindenstrauss_inner_products(kind):
     p, k = 3000, 2048
     g = torch.Generator().manual_seed(0)
@@ -47,3 +47,18 @@ def test_rademacher_entries_and_validation():
         make_projector("fourier", 10, 4, 0)
     with pytest.raises(ValueError, match="coordinates"):
         GaussianProjector(10, 4, seed=0).project(torch.zeros(2, 11))
+
+
+def test_sjlt_matches_its_dense_matrix_and_is_sparse():
+    proj = SJLTProjector(ROW_BLOCK + 11, 300, seed=2, s=4)
+    m = proj.matrix()
+    assert ((m != 0).sum(1) <= 4).all() and ((m != 0).sum(1) >= 1).all()
+    x = torch.randn(3, ROW_BLOCK + 11)
+    torch.testing.assert_close(proj.project(x), x @ m, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(SJLTProjector(ROW_BLOCK + 11, 300, seed=2, s=4).matrix(), m)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")
+def test_trak_cuda_refused_without_gpu():
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        TrakCudaProjector(100, 512, seed=0)
