@@ -76,7 +76,7 @@ def main() -> None:
             proj = make_projector(kind, gc.dim, args.k, seed=0)
             arr = run.create_array(f"features/{kind}.zarr", (args.batch, args.k), (args.batch, args.k), "float32", {"projector": kind})
 
-            def featurize() -> None:
+            def featurize(arr=arr, proj=proj) -> None:  # bind this projector's objects
                 g = gc.averaged(x, list(range(args.batch)), "l_square", {args.K: grid}, noise_seed=0)[args.K]
                 arr[...] = proj.project(g).numpy().astype(np.float32)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,9 +19,9 @@ err_console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. jobs/configs/demo.yaml.")]
 StoreOpt = Annotated[str, typer.Option("--store", help="Store URL: a local directory or s3://bucket/prefix.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: --set lds.num_subsets=8.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: --set lds.num_subsets=8.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute stages whose config changed on an existing run.")]
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address; default: a local instance.")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: a local instance.")]
 
 
 def _fail(exc: BaseException) -> None:

@@ -38,7 +38,6 @@ import zarr
 
 from dtrak_ray.errors import MissingArtifactError, StoreError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -114,7 +114,7 @@ def run_featurize(ctx: Context, digest: str) -> None:
     )
 
 
-def read_features(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int) -> tuple["object", dict]:
+def read_features(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int) -> tuple[object, dict]:
     """(n, k) float64 features of a split and their provenance attributes."""
     k = feature_dim(cfg, count_parameters(new_model(cfg, 0)))
     arr = run.open_array(features_key(run, cfg, split, f, K, k))

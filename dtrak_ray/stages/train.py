@@ -12,7 +12,17 @@ from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core.sampling import ddim_sample
 from dtrak_ray.core.training import train_ddpm
 from dtrak_ray.distributed.pool import map_tasks
-from dtrak_ray.stages.common import Context, load_images, load_model, model_seed, new_model, provenance, recipe_of, save_model, scheduler_of
+from dtrak_ray.stages.common import (
+    Context,
+    load_images,
+    load_model,
+    model_seed,
+    new_model,
+    provenance,
+    recipe_of,
+    save_model,
+    scheduler_of,
+)
 from dtrak_ray.storage import RunStore
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtrak_ray.core.projectors import COL_BLOCK, ROW_BLOCK, GaussianProjector, RademacherProjector, SJLTProjector, TrakCudaProjector, make_projector
+from dtrak_ray.core.projectors import (
+    COL_BLOCK,
+    ROW_BLOCK,
+    GaussianProjector,
+    RademacherProjector,
+    SJLTProjector,
+    TrakCudaProjector,
+    make_projector,
+)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])

@@ -12,7 +12,6 @@ from rich.console import Console
 from dtrak_ray.config import parse_config
 from dtrak_ray.errors import MissingArtifactError, RunConflictError
 from dtrak_ray.pipeline import STAGES, run_pipeline
-from dtrak_ray.storage import Store
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
