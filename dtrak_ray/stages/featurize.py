@@ -16,6 +16,7 @@ import torch
 
 from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core.diffusion import timestep_grid
+from dtrak_ray.core.features import project_rows
 from dtrak_ray.core.gradients import GradientComputer
 from dtrak_ray.core.models import count_parameters
 from dtrak_ray.core.projectors import make_projector
@@ -70,16 +71,12 @@ class Featurizer:
         if shard.split not in self.images:
             self.images[shard.split] = load_images(self.run, shard.split)
         x = self.images[shard.split]
-        rows: dict[int, list[torch.Tensor]] = {K: [] for K in self.grids}
-        for start in range(shard.start, shard.stop, fc.micro_batch):
-            idx = list(range(start, min(start + fc.micro_batch, shard.stop)))
-            # Noise is keyed by (seed, t, sample index within the split) so features do not depend on sharding.
-            g = self.grads.averaged(x[idx], idx, shard.f, self.grids, fc.noise_seed, fc.noise)
-            for K, gk in g.items():
-                rows[K].append(self.projector.project(gk))
-        for K, parts in rows.items():
+        idx = list(range(shard.start, shard.stop))
+        # Noise is keyed by (seed, t, sample index within the split) so features do not depend on sharding.
+        rows = project_rows(self.grads, self.projector, x[idx], idx, shard.f, self.grids, fc.noise_seed, fc.noise, fc.micro_batch)
+        for K, phi in rows.items():
             arr = self.run.open_array(features_key(self.run, self.cfg, shard.split, shard.f, K, self.k), mode="r+")
-            arr[shard.start : shard.stop] = torch.cat(parts).numpy().astype(fc.dtype)
+            arr[shard.start : shard.stop] = phi.numpy().astype(fc.dtype)
         self.run.mark_done(marker, digest=self.digest)
         return shard.stop - shard.start
 

@@ -70,3 +70,23 @@ def test_sjlt_matches_its_dense_matrix_and_is_sparse():
 def test_trak_cuda_refused_without_gpu():
     with pytest.raises(ValueError, match="CUDA GPU"):
         TrakCudaProjector(100, 512, seed=0)
+
+
+def test_same_matrix_in_another_process_and_any_tile_order():
+    """Counter-based tiles: another process, or tiles drawn in reverse order, give the same matrix."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, torch; torch.set_num_threads(1);"
+        "from dtrak_ray.core.projectors import GaussianProjector as G, SJLTProjector as S;"
+        "print(hashlib.sha256(G(5000, 700, seed=4).matrix().numpy().tobytes()).hexdigest());"
+        "print(hashlib.sha256(S(5000, 700, seed=4).matrix().numpy().tobytes()).hexdigest())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    proj = GaussianProjector(5000, 700, seed=4, cache_bytes=0)
+    reverse = {(rb, cb): proj.tile(rb, cb) for rb in reversed(range(2)) for cb in reversed(range(2))}
+    here = torch.cat([torch.cat([reverse[(rb, cb)] for cb in range(2)], 1) for rb in range(2)])[:, :700]
+    assert hashlib.sha256(here.numpy().tobytes()).hexdigest() == other[0]
+    assert hashlib.sha256(SJLTProjector(5000, 700, seed=4).matrix().numpy().tobytes()).hexdigest() == other[1]
