@@ -114,6 +114,9 @@ class FeaturesConfig(_Section):
     micro_batch: int = Field(32, gt=0, description="Samples whose full gradients are held at once.")
     shard_size: int = Field(128, gt=0, description="Rows per shard (= Zarr chunk).")
     dtype: Literal["float32", "float16"] = "float32"
+    parameters: tuple[str, ...] | None = Field(
+        None, min_length=1, description="fnmatch patterns of the parameters to differentiate (LoRA: ['*lora_*']); None: all."
+    )
 
     @field_validator("K")
     @classmethod

@@ -14,6 +14,7 @@ per grid.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,6 +23,24 @@ from torch.func import functional_call, grad, vmap
 
 from dtrak_ray.core.diffusion import NoiseScheme, add_noise, elbo_weight, keyed_noise
 from dtrak_ray.core.outputs import get_output_function
+
+
+def select_parameters(model: torch.nn.Module, patterns: Sequence[str] | None) -> list[str] | None:
+    """Names of the trainable parameters matching any of the fnmatch ``patterns`` (None: all).
+
+    For LoRA, ``["*lora_*"]`` keeps the adapter weights only. A pattern that matches nothing is an
+    error: a silent empty match would give features of dimension zero.
+    """
+    if patterns is None:
+        return None
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"features.parameters patterns {unmatched} match no trainable parameter of the model "
+            f"(names look like {names[:2]}): fix the patterns or leave the field out to use all parameters"
+        )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
 
 
 class GradientComputer:

@@ -17,10 +17,11 @@ import torch
 from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core.diffusion import timestep_grid
 from dtrak_ray.core.features import project_rows
-from dtrak_ray.core.gradients import GradientComputer
+from dtrak_ray.core.gradients import GradientComputer, select_parameters
 from dtrak_ray.core.models import count_parameters
 from dtrak_ray.core.projectors import make_projector
 from dtrak_ray.distributed.pool import map_actors
+from dtrak_ray.errors import ConfigError
 from dtrak_ray.stages.common import Context, load_images, load_model, new_model, provenance, scheduler_of
 from dtrak_ray.storage import RunStore
 
@@ -35,6 +36,16 @@ class Shard:
     index: int
     start: int
     stop: int
+
+
+def gradient_dim(cfg: ExperimentConfig) -> int:
+    """p, the number of parameters differentiated (all, or those ``features.parameters`` selects)."""
+    model = new_model(cfg, 0)
+    try:
+        names = select_parameters(model, cfg.features.parameters)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return count_parameters(model) if names is None else sum(p.numel() for n, p in model.named_parameters() if n in names)
 
 
 def feature_dim(cfg: ExperimentConfig, p: int) -> int:
@@ -55,7 +66,7 @@ class Featurizer:
     def __init__(self, run: RunStore, cfg: ExperimentConfig, digest: str):
         self.run, self.cfg, self.digest = run, cfg, digest
         model, _ = load_model(run, run.base_model(0))
-        self.grads = GradientComputer(model, scheduler_of(cfg))
+        self.grads = GradientComputer(model, scheduler_of(cfg), select_parameters(model, cfg.features.parameters))
         fc = cfg.features
         self.projector = make_projector(fc.projector, self.grads.dim, fc.k, fc.projector_seed)
         self.k = feature_dim(cfg, self.grads.dim)
@@ -88,7 +99,7 @@ def plan_shards(n: int, split: str, f: str, shard_size: int) -> list[Shard]:
 def run_featurize(ctx: Context, digest: str) -> None:
     cfg, run, fc = ctx.cfg, ctx.run, ctx.cfg.features
     _, model_digest = load_model(run, run.base_model(0))
-    k = feature_dim(cfg, count_parameters(new_model(cfg, 0)))
+    k = feature_dim(cfg, gradient_dim(cfg))
     shards: list[Shard] = []
     for split in SPLITS:
         n = load_images(run, split).shape[0]
@@ -99,7 +110,7 @@ def run_featurize(ctx: Context, digest: str) -> None:
                     attrs = provenance(
                         cfg, digest=digest, split=split, output_function=f, K=K, timestep_strategy=fc.timestep_strategy, timestep_seed=fc.timestep_seed,
                         noise=fc.noise, noise_seed=fc.noise_seed, projector=fc.projector, projector_seed=fc.projector_seed,
-                        k=k, model=MODEL, model_digest=model_digest, dtype=fc.dtype,
+                        k=k, model=MODEL, model_digest=model_digest, dtype=fc.dtype, parameters=list(fc.parameters or []) or "all",
                     )
                     run.create_array(key, (n, k), (fc.shard_size, k), fc.dtype, attrs)
             shards += plan_shards(n, split, f, fc.shard_size)
@@ -113,6 +124,6 @@ def run_featurize(ctx: Context, digest: str) -> None:
 
 def read_features(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int) -> tuple[object, dict]:
     """(n, k) float64 features of a split and their provenance attributes."""
-    k = feature_dim(cfg, count_parameters(new_model(cfg, 0)))
+    k = feature_dim(cfg, gradient_dim(cfg))
     arr = run.open_array(features_key(run, cfg, split, f, K, k))
     return arr[...].astype("float64"), dict(arr.attrs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtrak_ray.core.diffusion import make_scheduler, timestep_grid
-from dtrak_ray.core.gradients import GradientComputer
+from dtrak_ray.core.gradients import GradientComputer, select_parameters
 from dtrak_ray.core.outputs import OUTPUT_FUNCTIONS
 
 
@@ -65,3 +65,13 @@ def test_timestep_chunking_does_not_change_gradients(tiny_unet, batch):
     for K in grids:
         # Only float32 summation order differs between the two.
         torch.testing.assert_close(wide[K], narrow[K], rtol=1e-4, atol=1e-5 * float(wide[K].abs().max()))
+
+
+def test_select_parameters_by_pattern(tiny_unet):
+    names = select_parameters(tiny_unet, ["conv_out.*", "time_embedding.linear_1.*"])
+    assert names == ["time_embedding.linear_1.weight", "time_embedding.linear_1.bias", "conv_out.weight", "conv_out.bias"]
+    assert select_parameters(tiny_unet, None) is None
+    gc = GradientComputer(tiny_unet, make_scheduler(), names)
+    assert gc.dim == sum(p.numel() for n, p in tiny_unet.named_parameters() if n in names)
+    with pytest.raises(ValueError, match=r"patterns \['\*lora_\*'\] match no"):
+        select_parameters(tiny_unet, ["conv_out.*", "*lora_*"])
