@@ -1,0 +1,28 @@
+"""How busy the machine is while a benchmark runs: its ratios mean little on a loaded machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def load_note() -> str:
+    """One line: the 1-minute load average against the CPU count, with a warning when busy.
+
+    With the kernel's ``sched_autogroup`` on, CPU time is shared fairly between sessions, not
+    processes: a Ray driver and all its workers share one session's slice, so on a busy machine two
+    workers get little more CPU than one and a scaling ratio says more about the neighbours.
+    """
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return f"machine: {cpus} CPUs, load average unknown"
+    line = f"machine: {cpus} CPUs, 1-minute load average {load:.1f} before this benchmark"
+    if load > 0.75 * cpus:
+        line += " (busy: other processes share the CPUs, so timings and ratios are noisy"
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
+        if autogroup.exists() and autogroup.read_text().strip() == "1":
+            line += "; sched_autogroup is on: this session's processes share one slice of CPU"
+        line += ")"
+    return line
