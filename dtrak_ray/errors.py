@@ -21,3 +21,11 @@ class RunConflictError(DtrakError, ValueError):
 
 class StoreError(DtrakError, OSError):
     """The store cannot be reached or written."""
+
+
+class CorruptArtifactError(DtrakError, ValueError):
+    """A stored artifact exists but cannot be read back (truncated, overwritten, or not what its key says)."""
+
+
+class ProvenanceError(DtrakError, ValueError):
+    """Arrays about to be combined were made differently (projector, seed, k, K, model, ...); the message names each field."""

@@ -10,11 +10,19 @@ Layout of one run (keys relative to ``{store}/{run}/``)::
     data/indices.zarr/{train,val,labels,masks}    split indices, labels, LDS subset masks (M x N)
     models/base/seed-{s}/                         diffusers save_pretrained of the base model
     models/lds/subset-{m}/seed-{s}/               LDS subset models
+    models/counterfactual/{method}/image-{i}/     models retrained without an image's top-k (counterfactual)
+    checkpoints/{model key}/epoch-{e}/            training checkpoints (diffusers dir + train_state.pt)
+    counterfactual/regenerated.zarr               counterfactual regenerations (n, methods, C, H, W)
     samples/gen.zarr                              the Gen test set (n, C, H, W)
     lds/outputs-{set}.zarr                        ground truth (M, seeds, noise seeds, n_test)
     features/{model}/{set}/{f}-K{K}-{proj}-k{k}.zarr      projected gradients (n, k)
     scores/{model}/{set}/{f}-K{K}-{proj}-k{k}.zarr        scores for every lambda (L, n_test, N)
+    scores/{model}/{set}/{name}.zarr, ...-top.zarr        baseline/ensemble scores; top-k train indices beside any scores
+    scores/index/{stage}.json                     the scores arrays a stage wrote (read by evaluate)
+    kernel/{model}/{f}-K{K}-{proj}-k{k}.zarr      factorized Gram matrix (eigvals, eigvecs; form in attributes)
+    models/ensemble/member-{j}/                   ensemble members (data/ensemble.zarr/masks: their subsets)
     results/summary.json, results/lds.json        LDS records
+    results/sweep.json, report/sweep.{md,png}     the Ray Tune sweep (sweep/tune: Tune's experiment folder)
     report/report.md, report/*.png                the report
     _markers/{key}.json                           completion markers (written last)
 
@@ -25,8 +33,12 @@ mechanisms) and are never written into the store.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +48,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from dtrak_ray.errors import MissingArtifactError, StoreError
+from dtrak_ray.errors import CorruptArtifactError, DtrakError, MissingArtifactError, StoreError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -61,17 +73,31 @@ class Store:
         protocol = fsspec.core.split_protocol(self.url)[0]
         self.is_local = protocol in (None, "file", "local")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **({} if self.is_local else self.storage_options))
+            fs, self.root = fsspec.core.url_to_fs(self.url, **({} if self.is_local else self.storage_options))
+            self.fs = RetryingFileSystem(fs)
             if self.is_local:
                 self.root = str(Path(self.root).resolve())
                 self.fs.makedirs(self.root, exist_ok=True)
             else:
                 bucket = self.root.split("/", 1)[0]
-                self.fs.ls(bucket, refresh=True)  # fails fast on a missing bucket or bad credentials
-        except Exception as exc:  # noqa: BLE001 - any backend error means the same thing to the user
+                # Fails fast on a missing bucket or bad credentials; an endpoint that refuses twice is down.
+                retry_call(fs.ls, bucket, refresh=True, what=f"ls {bucket}", attempts=2)
+        except PermissionError as exc:
+            raise StoreError(
+                f"store {self.url!r} refused access ({_short(exc)}): check the credentials in the environment "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the instance role) and that they may use this bucket"
+            ) from None
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"store {self.url!r}: {'bucket' if not self.is_local else 'path'} not found ({_short(exc)}): "
+                "create it first or fix the URL"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - any other backend error means the same thing to the user
+            endpoint = (self.storage_options.get("client_kwargs") or {}).get("endpoint_url")
             raise StoreError(
                 f"store {self.url!r} cannot be reached ({type(exc).__name__}: {_short(exc)}); "
-                "check the URL, that the bucket exists, and the credentials in the environment"
+                f"check the URL{f', the endpoint {endpoint} (AWS_ENDPOINT_URL)' if endpoint else ''}, that the bucket exists, "
+                "and the credentials in the environment"
             ) from None
 
     def run(self, name: str) -> RunStore:
@@ -89,6 +115,177 @@ class Store:
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text[:200]
+
+
+# ---- retries of transient store errors ----------------------------------------------------------
+# Object stores fail a small fraction of requests (5xx, throttling, dropped connections); a job that
+# runs for days must ride them out. Every call to the store's filesystem and every Zarr store request
+# is retried with exponential backoff and jitter, a bounded number of times, and only for errors
+# that can pass: a missing key, a refused permission or a bad argument fails at once. Each retry is
+# logged (type and first line of the error; never the storage options, which may hold credentials).
+# DTRAK_STORE_RETRIES (attempts, default 6) and DTRAK_STORE_RETRY_BASE (first delay in seconds,
+# default 0.1) tune it; every attempt is idempotent (a PUT of the same bytes, a GET, a DELETE).
+_log = logging.getLogger("dtrak_ray.storage")
+_TRANSIENT_ERRNOS = {
+    errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+    errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ESTALE, getattr(errno, "EREMOTEIO", 121),
+}
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Connection-level errors of the HTTP stacks under s3fs that are not OSErrors (matched by name to
+# avoid importing botocore and aiohttp on local stores).
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError", "ProxyConnectionError",
+    "ResponseStreamingError", "IncompleteReadError", "ServerDisconnectedError", "ClientPayloadError", "ClientConnectionError",
+    "ClientOSError", "FSTimeoutError", "IncompleteRead", "ResponseParserError",
+}
+retry_count = 0  # retries done in this process (tests and logs report it)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store error may pass if the request is repeated (and so is worth a retry)."""
+    if isinstance(exc, (DtrakError, *_PERMANENT_OS_ERRORS)):
+        return False
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNOS or exc.errno is None and "timeout" in str(exc).lower()
+    return False
+
+
+def _retry_settings() -> tuple[int, float]:
+    return max(1, int(os.environ.get("DTRAK_STORE_RETRIES", "6"))), float(os.environ.get("DTRAK_STORE_RETRY_BASE", "0.1"))
+
+
+def _backoff(attempt: int, base: float) -> float:
+    # Full jitter: workers that failed together do not retry together.
+    return random.uniform(0.5, 1.0) * min(base * 2**attempt, 10.0)
+
+
+def _note_retry(what: str, exc: BaseException, attempt: int, attempts: int, delay: float) -> None:
+    global retry_count
+    retry_count += 1
+    _log.warning("store: transient %s on %s (attempt %d of %d): %s; retrying in %.2f s", type(exc).__name__, what, attempt + 1,
+                 attempts, _short(exc), delay)
+
+
+def retry_call(fn: Any, *args: Any, what: str = "", attempts: int | None = None, deletes: bool = False, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, repeated with exponential backoff while it fails with a transient error.
+
+    ``deletes``: ``fn`` removes something, so a FileNotFoundError on a retry means an earlier attempt
+    did remove it (its answer was lost): that is success, not an error.
+    """
+    n, base = _retry_settings()
+    n = attempts or n
+    for attempt in range(n):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if deletes and attempt > 0 and isinstance(exc, FileNotFoundError):
+                return None
+            if attempt == n - 1 or not is_transient(exc):
+                raise
+            delay = _backoff(attempt, base)
+            _note_retry(what or getattr(fn, "__name__", "store call"), exc, attempt, n, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RetryingFileSystem:
+    """An fsspec filesystem whose methods are retried on transient errors (see :func:`retry_call`).
+
+    Attribute access passes through, so it is used like the filesystem it wraps; ``open`` is not
+    retried (a half-written file object cannot be replayed): whole-file reads and writes go through
+    ``cat_file`` and ``pipe_file``.
+    """
+
+    _NOT_RETRIED = {"open"}
+    _DELETES = {"rm", "rm_file", "rmdir", "delete", "_rm"}
+
+    def __init__(self, fs: Any):
+        self._fs = fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"fs": self._fs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._fs = state["fs"]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_fs":  # not set yet (while unpickling): no recursion through __getattr__
+            raise AttributeError(name)
+        attr = getattr(self._fs, name)
+        if name.startswith("_") or name in self._NOT_RETRIED or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return retry_call(attr, *args, what=f"{name} {args[0] if args else ''}".strip(), deletes=name in self._DELETES, **kwargs)
+
+        return call
+
+
+class RetryingZarrStore(zarr.storage.WrapperStore):
+    """A Zarr store whose requests are retried on transient errors, with the same policy."""
+
+    async def _retry(self, what: str, fn: Any, *args: Any) -> Any:
+        n, base = _retry_settings()
+        for attempt in range(n):
+            try:
+                return await fn(*args)
+            except Exception as exc:
+                if what.startswith("delete") and attempt > 0 and isinstance(exc, FileNotFoundError):
+                    return None  # an earlier attempt removed it; its answer was lost
+                if attempt == n - 1 or not is_transient(exc):
+                    raise
+                delay = _backoff(attempt, base)
+                _note_retry(f"{what} {args[0] if args and isinstance(args[0], str) else ''}".strip(), exc, attempt, n, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        return await self._retry("get", self._store.get, key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+        return await self._retry("get_partial_values", self._store.get_partial_values, prototype, list(key_ranges))
+
+    async def exists(self, key: str) -> bool:
+        return await self._retry("exists", self._store.exists, key)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._retry("set", self._store.set, key, value)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        await self._retry("set_if_not_exists", self._store.set_if_not_exists, key, value)
+
+    async def _set_many(self, values: Any) -> None:
+        await asyncio.gather(*(self.set(k, v) for k, v in values))
+
+    async def _get_many(self, requests: Any) -> Any:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def delete(self, key: str) -> None:
+        await self._retry("delete", self._store.delete, key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        await self._retry("delete_dir", self._store.delete_dir, prefix)
+
+    async def _listed(self, what: str, make: Any, *args: Any) -> Any:
+        async def collect() -> list[str]:
+            return [k async for k in make(*args)]
+
+        for key in await self._retry(what, collect):
+            yield key
+
+    def list(self) -> Any:
+        return self._listed("list", self._store.list)
+
+    def list_prefix(self, prefix: str) -> Any:
+        return self._listed("list_prefix", self._store.list_prefix, prefix)
+
+    def list_dir(self, prefix: str) -> Any:
+        return self._listed("list_dir", self._store.list_dir, prefix)
 
 
 class RunStore:
@@ -127,9 +324,96 @@ class RunStore:
     def scores(model: str, test_set: str, f: str, K: int, projector: str, k: int) -> str:
         return f"scores/{model}/{test_set}/{f}-K{K}-{projector}-k{k}.zarr"
 
+    # Scoring at scale (stages score, baselines, ensemble): the factorized Gram matrix of a model's
+    # train features, any method's scores (L, n_test, N), the top-k train indices beside each scores
+    # array, and the index of every scores array a stage wrote (the evaluate stage reads the indexes).
+    @staticmethod
+    def kernel(model: str, f: str, K: int, projector: str, k: int) -> str:
+        return f"kernel/{model}/{f}-K{K}-{projector}-k{k}.zarr"
+
+    @staticmethod
+    def method_scores(model: str, test_set: str, name: str) -> str:
+        return f"scores/{model}/{test_set}/{name}.zarr"
+
+    @staticmethod
+    def top_of(scores_key: str) -> str:
+        """Key of the top-k train indices stored beside a scores array."""
+        return scores_key.removesuffix(".zarr") + "-top.zarr"
+
+    @staticmethod
+    def score_index(stage: str) -> str:
+        return f"scores/index/{stage}.json"
+
+    @staticmethod
+    def ensemble_model(member: int) -> str:
+        return f"models/ensemble/member-{member:02d}"
+
+    ENSEMBLE_MASKS = "data/ensemble.zarr/masks"
+
+    @staticmethod
+    def baseline_predictions(test_set: str, method: str) -> str:
+        """Cross-fitted LDS predictions (M, n_test) of a baseline fitted on the LDS subsets themselves."""
+        return f"baselines/{test_set}/{method}-predictions.zarr"
+
     @staticmethod
     def report_file(name: str) -> str:
         return f"report/{name}"
+
+    # The Ray Tune sweep (dtrak_ray/sweep.py): results, Tune's own experiment folder, and the markers
+    # of features it computes itself (kept apart from the featurize stage's shard markers).
+    SWEEP = "results/sweep.json"
+    SWEEP_TUNE = "sweep/tune"
+
+    @staticmethod
+    def sweep_shard(split: str, f: str, Ks: tuple[int, ...], projector: str, k: int, index: int) -> str:
+        return f"sweep/features/{split}/{f}-K{'+'.join(map(str, Ks))}-{projector}-k{k}/shard-{index:05d}"
+
+    def feature_dims(self, model: str, split: str, f: str, K: int, projector: str) -> list[int]:
+        """The k of every stored features array of (model, split, f, K, projector), ascending."""
+        pattern = self.path(self.features(model, split, f, K, projector, 0)).removesuffix("0.zarr") + "*.zarr"
+        found = [p.rstrip("/").rsplit("-k", 1)[-1].removesuffix(".zarr") for p in self.fs.glob(pattern)]
+        return sorted(int(k) for k in found if k.isdigit())
+
+    def local_path(self, key: str = "") -> str | None:
+        """Absolute local path of a key on a local store (for tools that need one, like Ray Tune); None on S3."""
+        return self.path(key) if self.store.is_local else None
+
+    # Training checkpoints: ``checkpoints/{model key}/epoch-{e}/`` holds the model as a plain diffusers
+    # directory (``UNet2DModel.from_pretrained`` loads it) plus ``train_state.pt`` (optimizer, LR
+    # scheduler, step, losses) for resuming. The base model keeps every checkpoint (evenly spaced
+    # epochs, for TracIn-style baselines); subset and counterfactual models keep only their latest.
+    TRAIN_STATE = "train_state.pt"
+    COUNTERFACTUAL = "results/counterfactual.json"
+    COUNTERFACTUAL_IMAGES = "counterfactual/regenerated.zarr"
+
+    @staticmethod
+    def checkpoint(model_key: str, epoch: int) -> str:
+        return f"checkpoints/{model_key}/epoch-{epoch:05d}"
+
+    def checkpoints(self, model_key: str, digest: str | None = None) -> list[tuple[int, str]]:
+        """Complete checkpoints of a model, ``[(epoch, key), ...]`` by epoch (markers vouch for them)."""
+        pattern = self.path(self._marker(f"checkpoints/{model_key}/epoch-*"))
+        out = []
+        for marker in self.fs.glob(pattern):
+            name = marker.rsplit("/", 1)[-1].removesuffix(".json")
+            key = f"checkpoints/{model_key}/{name}"
+            if digest is None or self.done(key, digest):
+                out.append((int(name.removeprefix("epoch-")), key))
+        return sorted(out)
+
+    def base_checkpoints(self, seed: int = 0) -> list[tuple[int, str]]:
+        """Intermediate checkpoints of the base model, ``[(epoch, key)]``; ``load_model(run, key)`` loads one."""
+        return self.checkpoints(self.base_model(seed))
+
+    @staticmethod
+    def counterfactual_model(method: str, image: int) -> str:
+        return f"models/counterfactual/{method}/image-{image:04d}"
+
+    def delete(self, key: str) -> None:
+        """Remove a key's marker, then its data (a file or a directory); a missing key is fine."""
+        self.clear_marker(key)
+        if self.exists(key):
+            self.fs.rm(self.path(key), recursive=True)
 
     def path(self, key: str) -> str:
         """Filesystem path of a key (inside the store's filesystem)."""
@@ -148,19 +432,13 @@ class RunStore:
         path = self.path(key)
         if self.store.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: keep a shared store readable
-            os.replace(tmp, path)
+            retry_call(_write_local_atomic, path, data, what=f"write {key}")
         else:
-            with self.fs.open(path, "wb") as fh:  # an S3 PUT is atomic
-                fh.write(data)
+            self.fs.pipe_file(path, data)  # one PUT: atomic on S3, retried as a whole
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            with self.fs.open(self.path(key), "rb") as fh:
-                return fh.read()
+            return self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             raise MissingArtifactError(f"{self.url(key)} does not exist: run the stage that writes it first") from None
 
@@ -179,9 +457,16 @@ class RunStore:
     # ---- arrays -------------------------------------------------------------------------------
     def _zarr_store(self, key: str) -> Any:
         if self.store.is_local:
-            return zarr.storage.LocalStore(self.path(key))
-        return zarr.storage.FsspecStore.from_url(
-            f"{self.store.url}/{self.name}/{key}", storage_options=self.store.storage_options
+            return RetryingZarrStore(zarr.storage.LocalStore(self.path(key)))
+        return RetryingZarrStore(
+            zarr.storage.FsspecStore.from_url(f"{self.store.url}/{self.name}/{key}", storage_options=self.store.storage_options)
+        )
+
+    def _corrupt(self, key: str, exc: BaseException) -> CorruptArtifactError:
+        return CorruptArtifactError(
+            f"array {self.url(key)} exists but cannot be read ({type(exc).__name__}: {_short(exc)}): it was truncated or "
+            "overwritten outside dtrak-ray. Delete it and the stage marker of the stage that wrote it (under "
+            f"{self.url('_markers/stages')}/), then rerun that stage; or start a new run with --set name=NEW"
         )
 
     def create_array(
@@ -204,6 +489,8 @@ class RunStore:
             return zarr.open_array(store=self._zarr_store(key), mode=mode)
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             raise MissingArtifactError(f"array {self.url(key)} does not exist: run the stage that writes it first") from None
+        except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as exc:  # unreadable zarr.json
+            raise self._corrupt(key, exc) from None
 
     def write_array(self, key: str, data: np.ndarray, attrs: dict[str, Any], chunks: tuple[int, ...] | None = None) -> None:
         """Write a whole array at once (small arrays)."""
@@ -211,7 +498,16 @@ class RunStore:
         arr[...] = data
 
     def read_array(self, key: str) -> np.ndarray:
-        return np.asarray(self.open_array(key)[...])
+        arr = self.open_array(key)
+        try:
+            return np.asarray(arr[...])
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as exc:
+            # A chunk that does not decode (truncated, garbled) or decodes to the wrong size.
+            if is_transient(exc):
+                raise
+            raise self._corrupt(key, exc) from None
 
     def write_group(self, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         """Write several small arrays under one key (``key/name``), each with the same attributes."""
@@ -258,9 +554,29 @@ class RunStore:
             return False
         return digest is None or meta.get("digest") == digest
 
+    def marker(self, key: str) -> dict[str, Any] | None:
+        """The record a completion marker holds (what ``mark_done`` was given), or None if ``key`` is not done."""
+        try:
+            return self.read_json(self._marker(key))
+        except MissingArtifactError:
+            return None
+
     def clear_marker(self, key: str) -> None:
         if self.exists(self._marker(key)):
             self.fs.rm(self.path(self._marker(key)))
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    # A temporary file then a rename: a reader never sees half a file, a crash leaves only a .tmp-*.
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: keep a shared store readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(obj: Any) -> Any:

@@ -31,7 +31,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # No dashboard, and no Prometheus metrics exporter: the dashboard agent would serve it over HTTP
+        # on every interface (0.0.0.0). Ray's own gRPC ports stay, behind its token authentication.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+                 _system_config={"enable_metrics_collection": False})
 
 
 def available_workers(cpus_per_worker: float, gpus_per_worker: float) -> int:

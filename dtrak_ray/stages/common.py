@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from rich.console import Console
 
 from dtrak_ray import __version__
-from dtrak_ray.config import ExperimentConfig
+from dtrak_ray.config import ExperimentConfig, parse_config
 from dtrak_ray.core.diffusion import make_scheduler, mix_seed
-from dtrak_ray.core.models import build_unet, use_plain_attention
+from dtrak_ray.core.models import build_unet, unet_kwargs, use_plain_attention
 from dtrak_ray.core.training import Recipe
 from dtrak_ray.distributed.cluster import Resources
+from dtrak_ray.errors import ConfigError, CorruptArtifactError
 from dtrak_ray.storage import RunStore
 
 TEST_SETS = ("val", "gen")
@@ -59,6 +63,10 @@ def recipe_of(cfg: ExperimentConfig) -> Recipe:
 
 
 def new_model(cfg: ExperimentConfig, seed: int) -> UNet2DModel:
+    if cfg.model.kind == "sd-lora":  # the pretrained UNet with fresh LoRA adapters (stages/sd_lora.py)
+        from dtrak_ray.stages import sd_lora
+
+        return sd_lora.new_unet(cfg, seed)
     return build_unet(seed, **cfg.model.model_dump())
 
 
@@ -76,12 +84,56 @@ def save_model(run: RunStore, key: str, model: UNet2DModel) -> None:
 
 
 def load_model(run: RunStore, key: str) -> tuple[UNet2DModel, str]:
-    """The model stored at ``key`` in eval mode, and a digest of its weights (for provenance)."""
+    """The model stored at ``key`` in eval mode, and a digest of its weights (for provenance).
+
+    A checkpoint whose architecture differs from the run's config, or whose weights do not fit its
+    own config.json, is refused with a message naming the differing fields (not a state-dict error).
+    """
+    from dtrak_ray.stages import sd_lora
+
+    if sd_lora.is_lora_model(run, key):  # Stable Diffusion + LoRA: the UNet with the stored adapters
+        stack, digest = sd_lora.load_stack(run, sd_lora.run_config(run), key)
+        return stack.unet, digest
     with tempfile.TemporaryDirectory() as tmp:
         path = run.local_dir(key, tmp)
-        model = UNet2DModel.from_pretrained(str(path))
+        check_architecture(run, key, path)
+        try:
+            model = UNet2DModel.from_pretrained(str(path))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise CorruptArtifactError(
+                f"checkpoint {run.url(key)} cannot be loaded ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}): "
+                "its weights do not fit its config.json, or a file is damaged. Retrain it: delete it and "
+                f"{run.url('_markers/stages/train.json')}, then rerun `dtrak-ray train`"
+            ) from None
         digest = hashlib.sha256((path / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
     return use_plain_attention(model).eval(), digest
+
+
+_ARCHITECTURE_FIELDS = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+                        "up_block_types", "norm_num_groups", "resnet_time_scale_shift")
+
+
+def check_architecture(run: RunStore, key: str, path: Path) -> None:
+    """Refuse a checkpoint whose config.json describes another UNet than the run's config.yaml."""
+    if not run.exists(run.CONFIG) or not (path / "config.json").is_file():
+        return
+    try:
+        cfg = parse_config(yaml.safe_load(run.read_text(run.CONFIG)), source=run.url(run.CONFIG))
+        expected = unet_kwargs(**cfg.model.model_dump())
+        stored = json.loads((path / "config.json").read_text())
+    except (ConfigError, TypeError, ValueError):  # not a plain UNet config (e.g. Stable Diffusion + LoRA): nothing to compare
+        return
+    norm = json.dumps
+    diff = [f for f in _ARCHITECTURE_FIELDS if f in stored and norm(list(expected[f]) if isinstance(expected[f], tuple) else expected[f])
+            != norm(stored[f])]
+    if diff:
+        details = "; ".join(f"{f}: {stored[f]} in the checkpoint, {list(expected[f]) if isinstance(expected[f], tuple) else expected[f]} "
+                            "in the config" for f in diff)
+        raise CorruptArtifactError(
+            f"checkpoint {run.url(key)} does not match the run's model config ({details}): it was trained with another "
+            "model section (copied from another run, or the config was edited). Use the model config it was made with, "
+            f"or retrain: delete {run.url('models')} and {run.url('_markers/stages/train.json')}, then rerun `dtrak-ray train`"
+        )
 
 
 def load_images(run: RunStore, split: str) -> torch.Tensor:
