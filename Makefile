@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dtrak-ray run jobs/configs/demo.yaml --store $(STORE)
+	$(BIN)/dtrak-ray run jobs/configs/demo.yaml --store $(STORE) --yes
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -3,19 +3,31 @@
 AdamW, cosine learning-rate schedule with linear warmup (diffusers), gradient-norm clipping,
 optional random horizontal flips, L_Simple loss with uniform timesteps; all randomness comes from
 one explicit seed, so a model is a function of (data, recipe, seed).
+
+Checkpoint and resume: every random draw of epoch ``e`` (data order, flips, noise, timesteps, and
+dropout, which draws from torch's global generator) comes from generators seeded by
+``mix_seed(seed, e, stream)``. The random state at an epoch boundary is therefore a function of
+(seed, epoch) alone, and a run resumed from a :class:`TrainState` taken at the end of epoch ``e``
+(model, optimizer and LR-scheduler state, step, losses) continues exactly as the uninterrupted run
+would have: the tests check equality of the final weights.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from dtrak_ray.core.diffusion import add_noise
+from dtrak_ray.core.diffusion import mix_seed
+
+# Streams of the per-epoch generators: one for the data pipeline, one for dropout.
+_DATA_STREAM, _DROPOUT_STREAM = 0, 1
 
 
 @dataclass(frozen=True)
@@ -32,9 +44,40 @@ class Recipe:
     random_flip: bool
 
 
+@dataclass
+class TrainState:
+    """Everything needed to resume training after ``epoch`` completed epochs.
+
+    The random-number state is not stored: it is re-derived from (seed, epoch), see the module
+    docstring; ``seed`` is recorded so a checkpoint is never resumed under another seed.
+    """
+
+    epoch: int
+    step: int
+    seed: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping for ``torch.save`` (the model weights are saved separately by the caller if wanted)."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "model": self.model,
+                "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "losses": list(self.losses)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(d["epoch"], d["step"], d["seed"], d["model"], d["optimizer"], d["lr_scheduler"], list(d["losses"]))
+
+
 def total_steps(n_images: int, recipe: Recipe) -> int:
     """Optimizer steps for ``recipe.epochs`` epochs over ``n_images`` (last batch kept)."""
     return recipe.epochs * math.ceil(n_images / recipe.batch_size)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """Seed of one random stream of one epoch (63-bit hash, folded into torch's seed range)."""
+    return mix_seed(seed, epoch, stream) % (2**63 - 1)
 
 
 def train_ddpm(
@@ -44,32 +87,52 @@ def train_ddpm(
     recipe: Recipe,
     seed: int,
     on_step: Callable[[int, int, float], None] | None = None,
+    resume: TrainState | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` in place on ``images`` (n, C, H, W) in [-1, 1]; returns the loss per epoch."""
+    """Train ``model`` in place on ``images`` (n, C, H, W) in [-1, 1]; returns the loss per epoch.
+
+    ``resume``: a state taken after some epoch of the same (images, recipe, seed); training
+    continues from there. ``on_checkpoint(state)`` is called after every ``checkpoint_every``-th
+    epoch and after the last one. The model may live on a GPU: random draws are made on the CPU and
+    moved, so a model does not depend on the device that trained it beyond float rounding.
+    """
     if images.shape[0] == 0:
         raise ValueError("no training images")
-    g = torch.Generator().manual_seed(seed)
+    if resume is not None and resume.seed != seed:
+        raise ValueError(f"checkpoint was made with seed {resume.seed}, not {seed}: it cannot be resumed here")
+    device = next(model.parameters()).device
+    images = images.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     steps = total_steps(images.shape[0], recipe)
     lr_sched = get_cosine_schedule_with_warmup(opt, int(recipe.warmup_fraction * steps), steps)
+    losses: list[float] = []
+    step, first_epoch = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        lr_sched.load_state_dict(resume.lr_scheduler)
+        step, first_epoch, losses = resume.step, resume.epoch, list(resume.losses)
     T = scheduler.config.num_train_timesteps
+    abar = scheduler.alphas_cumprod.to(device=device, dtype=images.dtype)
     model.train()
-    # Dropout draws from torch's global generator: seed it too so the model is reproducible.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        losses: list[float] = []
-        step = 0
-        for _ in range(recipe.epochs):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for epoch in range(first_epoch, recipe.epochs):
+            g = torch.Generator().manual_seed(epoch_seed(seed, epoch, _DATA_STREAM))
+            # Dropout draws from torch's global generator: reseed it per epoch so a resume is exact.
+            torch.manual_seed(epoch_seed(seed, epoch, _DROPOUT_STREAM))
             perm = torch.randperm(images.shape[0], generator=g)
             epoch_loss = 0.0
             for start in range(0, images.shape[0], recipe.batch_size):
-                x = images[perm[start : start + recipe.batch_size]]
+                x = images[perm[start : start + recipe.batch_size].to(device)]
                 if recipe.random_flip:
-                    flip = torch.rand(x.shape[0], generator=g) < 0.5
+                    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(device)
                     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-                eps = torch.randn(x.shape, generator=g)
-                t = torch.randint(0, T, (x.shape[0],), generator=g)
-                loss = torch.nn.functional.mse_loss(model(add_noise(scheduler, x, eps, t), t).sample, eps)
+                eps = torch.randn(x.shape, generator=g).to(device)
+                t = torch.randint(0, T, (x.shape[0],), generator=g).to(device)
+                a = abar[t].view(-1, 1, 1, 1)  # the same arithmetic as core.diffusion.add_noise, on the model's device
+                loss = torch.nn.functional.mse_loss(model(a.sqrt() * x + (1 - a).sqrt() * eps, t).sample, eps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -80,5 +143,17 @@ def train_ddpm(
                 if on_step is not None:
                     on_step(step, steps, loss.item())
             losses.append(epoch_loss / images.shape[0])
+            last = epoch + 1 == recipe.epochs
+            if on_checkpoint is not None and checkpoint_every and ((epoch + 1) % checkpoint_every == 0 or last):
+                model.eval()
+                # Copies: the live optimizer state is updated in place by the next step.
+                state = TrainState(epoch + 1, step, seed, _cpu(model.state_dict()), copy.deepcopy(opt.state_dict()),
+                                   copy.deepcopy(lr_sched.state_dict()), list(losses))
+                on_checkpoint(state)
+                model.train()
     model.eval()
     return losses
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

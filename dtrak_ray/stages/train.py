@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import partial
 
@@ -10,7 +11,7 @@ import torch
 
 from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core.sampling import ddim_sample
-from dtrak_ray.core.training import train_ddpm
+from dtrak_ray.core.training import TrainState, train_ddpm
 from dtrak_ray.distributed.pool import map_tasks
 from dtrak_ray.stages.common import (
     Context,
@@ -37,20 +38,82 @@ class ModelJob:
         return run.base_model(self.seed) if self.subset is None else run.subset_model(self.subset, self.seed)
 
 
-def _train_one(job: ModelJob, run: RunStore, cfg: ExperimentConfig, digest: str) -> str:
-    key = job.key(run)
+def checkpoint_every(cfg: ExperimentConfig) -> int:
+    """Epochs between checkpoints: ``train.checkpoint_every``, else a quarter of the epochs."""
+    return cfg.train.checkpoint_every or max(1, cfg.train.epochs // 4)
+
+
+def device_of(cfg: ExperimentConfig) -> torch.device:
+    """The device a worker trains on: its GPU when the config asks for GPUs and one is visible."""
+    return torch.device("cuda" if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+
+
+def _save_checkpoint(run: RunStore, key: str, model: torch.nn.Module, state: TrainState, digest: str, keep_all: bool) -> None:
+    ckpt = run.checkpoint(key, state.epoch)
+    save_model(run, ckpt, model)
+    buf = io.BytesIO()
+    torch.save({k: v for k, v in state.to_dict().items() if k != "model"}, buf)  # the weights are in the diffusers dir
+    run.write_bytes(f"{ckpt}/{run.TRAIN_STATE}", buf.getvalue())
+    run.mark_done(ckpt, digest=digest, epoch=state.epoch, step=state.step)
+    if not keep_all:  # a subset model needs only its latest checkpoint to resume
+        for epoch, old in run.checkpoints(key):
+            if epoch < state.epoch:
+                run.delete(old)
+
+
+def _load_checkpoint(run: RunStore, ckpt: str, seed: int) -> TrainState:
+    model, _ = load_model(run, ckpt)
+    extra = torch.load(io.BytesIO(run.read_bytes(f"{ckpt}/{run.TRAIN_STATE}")), weights_only=True)
+    return TrainState.from_dict({**extra, "model": model.state_dict(), "seed": extra.get("seed", seed)})
+
+
+def train_model(
+    run: RunStore, cfg: ExperimentConfig, key: str, images: torch.Tensor, seed: int, digest: str, keep_all: bool = False
+) -> dict:
+    """Train (or resume, or skip) the model stored at ``key`` on ``images`` with the config's recipe.
+
+    Checkpoints go to ``run.checkpoint(key, epoch)`` every :func:`checkpoint_every` epochs; a rerun
+    after a crash resumes from the latest one made from the same inputs (``digest``). With
+    ``keep_all`` (the base model) every checkpoint is kept; otherwise only the latest, and none once
+    the model is finished. Returns the model's completion record.
+    """
     if run.done(key, digest):
+        return {"status": "skipped", **(run.marker(key) or {})}
+    model = new_model(cfg, seed)
+    resume = None
+    ckpts = run.checkpoints(key, digest)
+    if ckpts:
+        resume = _load_checkpoint(run, ckpts[-1][1], seed)
+    device = device_of(cfg)
+    model.to(device)
+    losses = train_ddpm(
+        model, scheduler_of(cfg), images, recipe_of(cfg), seed, resume=resume, checkpoint_every=checkpoint_every(cfg),
+        on_checkpoint=lambda state: _save_checkpoint(run, key, model, state, digest, keep_all),
+    )
+    model.to("cpu")
+    save_model(run, key, model)
+    record = dict(digest=digest, seed=seed, final_loss=losses[-1], n_images=int(images.shape[0]),
+                  resumed_from_epoch=resume.epoch if resume else 0, epochs=cfg.train.epochs, device=str(device))
+    run.mark_done(key, **record)
+    if not keep_all:
+        for _, old in run.checkpoints(key):
+            run.delete(old)
+    return {"status": "resumed" if resume else "trained", **record}
+
+
+def _train_one(job: ModelJob, run: RunStore, cfg: ExperimentConfig, digest: str) -> str:
+    if run.done(job.key(run), digest):
         return "skipped"
     images = load_images(run, "train")
     if job.subset is not None:
         mask = run.read_array(f"{run.INDICES}/masks")[job.subset]
         images = images[torch.from_numpy(mask)]
     seed = model_seed(cfg, job.subset, job.seed)
-    model = new_model(cfg, seed)
-    losses = train_ddpm(model, scheduler_of(cfg), images, recipe_of(cfg), seed)
-    save_model(run, key, model)
-    run.mark_done(key, digest=digest, seed=seed, final_loss=losses[-1], n_images=int(images.shape[0]))
-    return "trained"
+    if cfg.model.kind == "sd-lora":  # Stable Diffusion + LoRA: captions, latents (stages/sd_lora.py)
+        from dtrak_ray.stages import sd_lora
+
+        return sd_lora.train_model(run, cfg, job.key(run), job.subset, seed, digest)["status"]
+    return train_model(run, cfg, job.key(run), images, seed, digest, keep_all=job.subset is None)["status"]
 
 
 def model_jobs(cfg: ExperimentConfig) -> list[ModelJob]:
@@ -63,10 +126,16 @@ def run_train(ctx: Context, digest: str) -> None:
     todo = [j for j in jobs if not ctx.run.done(j.key(ctx.run), digest)]
     if len(todo) < len(jobs):
         ctx.log(f"  {len(jobs) - len(todo)} of {len(jobs)} models already trained: reused")
-    map_tasks(partial(_train_one, run=ctx.run, cfg=ctx.cfg, digest=digest), todo, ctx.resources, "train models", unit="models")
+    status = map_tasks(partial(_train_one, run=ctx.run, cfg=ctx.cfg, digest=digest), todo, ctx.resources, "train models", unit="models")
+    if "resumed" in status:
+        ctx.log(f"  {status.count('resumed')} model(s) resumed from a training checkpoint")
 
 
 def _generate(indices: list[int], run: RunStore, cfg: ExperimentConfig) -> np.ndarray:
+    if cfg.model.kind == "sd-lora":  # the diffusers SD pipeline with DDIM (stages/sd_lora.py)
+        from dtrak_ray.stages import sd_lora
+
+        return sd_lora.generate(indices, run, cfg, run.base_model(0))
     model, _ = load_model(run, run.base_model(0))
     g = cfg.generate
     shape = (cfg.model.channels, cfg.model.sample_size, cfg.model.sample_size)
