@@ -9,6 +9,19 @@ Interface:
 - ``scores_direct(phi_train, phi_test, lam) -> (m, N)``: the plain linear solve, a reference for tests.
 - ``lambda_grid() -> list[float]``: the paper's 27 lambdas.
 
+Blocked interface (for features that do not fit in memory; the stages stream shards from the store):
+- ``gram_partial(block, form) -> (r, r)``: one shard's share of the Gram matrix: Phi_b^T Phi_b for a
+  block of rows (kxk), Phi_c Phi_c^T for a block of columns (NxN); the Gram matrix is their sum.
+- ``left_factor(kernel, phi_test_block, cross=None)``: A = Phi_test V (kxk) or C = Phi_test Phi^T U (NxN,
+  ``cross`` = Phi_test Phi^T assembled from train shards).
+- ``right_factor(kernel, phi_train_shard=None, rows=None)``: B = Phi_shard V (kxk) or U[rows] (NxN).
+- ``scores_block(kernel, left, right, lambdas) -> (L, b, n)``: the scores of a test block against a
+  train shard for every lambda; the full (L, m, N) array is the grid of such blocks.
+- ``self_influence(kernel, right, lambdas) -> (L, n)``: phi_n^T (Phi^T Phi + lam I)^-1 phi_n of train
+  samples (relative influence functions).
+- ``merge_topk(values, indices, new_values, new_indices, top)``: a running top-k over train shards.
+Memory: k x k (or N x N) for the factorization, plus one test block and one train shard, whatever N.
+
 Maths. With train features Phi (N x k) and test features Phi_test (m x k), the scores are
 
     tau(lam) = Phi_test (Phi^T Phi + lam I_k)^-1 Phi^T                         (m x N)
@@ -203,6 +216,106 @@ def scores_direct(phi_train: np.ndarray, phi_test: np.ndarray, lam: float) -> np
     test = phi_test.astype(np.float64, copy=False)
     system = train.T @ train + lam_f * np.eye(k)
     return test @ np.linalg.solve(system, train.T)
+
+
+def gram_partial(block: np.ndarray, form: KernelForm) -> np.ndarray:
+    """One block's share of the Gram matrix, float64.
+
+    Form "kxk": ``block`` is a block of rows Phi_b (n_b, k) and the share is Phi_b^T Phi_b (k, k);
+    summed over row blocks it gives Phi^T Phi. Form "NxN": ``block`` is a block of columns Phi_c
+    (N, k_c) and the share is Phi_c Phi_c^T (N, N); summed over column blocks it gives Phi Phi^T.
+    Addition is associative, so any tree of sums of the shares equals :func:`gram` up to rounding.
+    """
+    _check_form(form)
+    return gram(block, "kxk" if form == "kxk" else "NxN")
+
+
+def left_factor(kernel: KernelEig, phi_test: np.ndarray, cross: np.ndarray | None = None) -> np.ndarray:
+    """Test side of the scores, float64: A = Phi_test V (b, k) for "kxk"; C = (Phi_test Phi^T) U (b, N) for "NxN".
+
+    Args:
+        kernel: the factorized Gram matrix.
+        phi_test: (b, k) a block of test features.
+        cross: "NxN" only: (b, N) Phi_test Phi^T, assembled from the train shards by the caller.
+    """
+    phi_test = _check_2d(phi_test, "phi_test").astype(np.float64, copy=False)
+    if kernel.form == "kxk":
+        if phi_test.shape[1] != kernel.size:
+            raise ValueError(f"phi_test: expected shape (b, {kernel.size}), got {phi_test.shape}")
+        return phi_test @ kernel.eigvecs
+    if cross is None:
+        raise ValueError("cross: the NxN form needs Phi_test Phi^T (b, N)")
+    cross = _check_2d(cross, "cross").astype(np.float64, copy=False)
+    if cross.shape != (phi_test.shape[0], kernel.size):
+        raise ValueError(f"cross: expected shape ({phi_test.shape[0]}, {kernel.size}), got {cross.shape}")
+    return cross @ kernel.eigvecs
+
+
+def right_factor(kernel: KernelEig, phi_train: np.ndarray | None = None, rows: slice | None = None) -> np.ndarray:
+    """Train side of the scores for one shard, float64: B = Phi_shard V (n, k) ("kxk") or U[rows] (n, N) ("NxN")."""
+    if kernel.form == "kxk":
+        if phi_train is None:
+            raise ValueError("phi_train: the kxk form needs the shard's train features")
+        phi_train = _check_2d(phi_train, "phi_train").astype(np.float64, copy=False)
+        if phi_train.shape[1] != kernel.size:
+            raise ValueError(f"phi_train: expected shape (n, {kernel.size}), got {phi_train.shape}")
+        return phi_train @ kernel.eigvecs
+    if rows is None:
+        raise ValueError("rows: the NxN form needs the shard's row range")
+    return kernel.eigvecs[rows]
+
+
+def scores_block(kernel: KernelEig, left: np.ndarray, right: np.ndarray, lambdas: Sequence[float]) -> np.ndarray:
+    """(L, b, n) scores of a test block (``left``) against a train shard (``right``) for every lambda.
+
+    tau(lam) = left diag(1 / (s + lam)) right^T, the block of :func:`scores_for_lambdas`.
+    """
+    lams = _check_lambdas(lambdas)
+    if left.shape[1] != kernel.size or right.shape[1] != kernel.size:
+        raise ValueError(f"left {left.shape} and right {right.shape}: expected {kernel.size} columns each")
+    out = np.empty((lams.shape[0], left.shape[0], right.shape[0]), dtype=np.float64)
+    for idx, lam in enumerate(lams):
+        out[idx] = (left / (kernel.eigvals + lam)) @ right.T
+    return out
+
+
+def self_influence(kernel: KernelEig, right: np.ndarray, lambdas: Sequence[float]) -> np.ndarray:
+    """(L, n) phi_n^T (Phi^T Phi + lam I_k)^-1 phi_n for the train rows of ``right`` (:func:`right_factor`).
+
+    "kxk": with B = Phi V, the value is sum_j B[n, j]^2 / (s_j + lam).
+    "NxN": Phi (Phi^T Phi + lam I)^-1 Phi^T = K (K + lam I)^-1 with K = Phi Phi^T = U diag(s) U^T, whose
+    diagonal is sum_j U[n, j]^2 s_j / (s_j + lam).
+    """
+    lams = _check_lambdas(lambdas)
+    sq = right**2
+    if kernel.form == "kxk":
+        return np.stack([sq @ (1.0 / (kernel.eigvals + lam)) for lam in lams])
+    return np.stack([sq @ (kernel.eigvals / (kernel.eigvals + lam)) for lam in lams])
+
+
+def merge_topk(
+    values: np.ndarray | None, indices: np.ndarray | None, new_values: np.ndarray, new_indices: np.ndarray, top: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Running top-``top`` along the last axis: merge the best so far with a new shard's scores.
+
+    Args:
+        values, indices: (..., t) best scores so far and their train indices (None before the first shard).
+        new_values: (..., n) scores of the new shard.
+        new_indices: (n,) train indices of the new shard's columns.
+        top: how many to keep.
+
+    Returns:
+        (values, indices) of shape (..., min(top, seen)), sorted by descending score (ties: lower index first).
+    """
+    new_idx = np.broadcast_to(np.asarray(new_indices, dtype=np.int64), new_values.shape)
+    if values is None or indices is None:
+        all_v, all_i = new_values, new_idx
+    else:
+        all_v = np.concatenate([values, new_values], axis=-1)
+        all_i = np.concatenate([indices, new_idx], axis=-1)
+    # lexsort's last key is the primary one: descending score, then ascending index for a stable order.
+    order = np.lexsort((all_i, -all_v), axis=-1)[..., :top]
+    return np.take_along_axis(all_v, order, axis=-1), np.take_along_axis(all_i, order, axis=-1)
 
 
 def lambda_grid() -> list[float]:
