@@ -16,8 +16,11 @@ from rich.console import Console
 from dtrak_ray.config import ExperimentConfig, config_diff, dump_config, parse_config
 from dtrak_ray.distributed.cluster import Resources, available_workers, connect
 from dtrak_ray.errors import MissingArtifactError, RunConflictError
+from dtrak_ray.stages.baselines import run_baselines
 from dtrak_ray.stages.common import Context, Stage
+from dtrak_ray.stages.counterfactual import run_counterfactual
 from dtrak_ray.stages.data import run_data
+from dtrak_ray.stages.ensemble import run_ensemble
 from dtrak_ray.stages.featurize import run_featurize
 from dtrak_ray.stages.groundtruth import run_outputs
 from dtrak_ray.stages.report import run_report
@@ -32,8 +35,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("outputs", ("lds.output_timesteps", "lds.noise_seeds"), ("train", "generate"), run_outputs, "LDS ground truth."),
     Stage("featurize", ("features",), ("train", "generate"), run_featurize, "Projected per-sample gradients."),
     Stage("score", ("scoring",), ("featurize",), run_score, "Attribution scores for every lambda."),
-    Stage("evaluate", ("lds.bootstrap_resamples", "scoring.heldout_seed"), ("score", "outputs"), run_evaluate, "LDS and lambda selection."),
-    Stage("report", ("report",), ("evaluate",), run_report, "summary.json, report.md and figures."),
+    Stage("baselines", ("baselines",), ("featurize", "score", "outputs"), run_baselines, "The paper's baselines, scored like D-TRAK."),
+    Stage("ensemble", ("ensemble",), ("featurize", "score"), run_ensemble, "D-TRAK averaged over models trained on random halves."),
+    Stage("evaluate", ("lds.bootstrap_resamples", "scoring.heldout_seed"), ("score", "outputs", "baselines", "ensemble"), run_evaluate,
+          "LDS of every method and lambda selection."),
+    Stage("counterfactual", ("counterfactual",), ("evaluate",), run_counterfactual, "Remove top-k, retrain, regenerate."),
+    Stage("report", ("report",), ("evaluate", "counterfactual"), run_report, "summary.json, report.md and figures."),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
