@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 STORE ?= ./runs
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo sweep test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,17 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dtrak-ray run jobs/configs/demo.yaml --store $(STORE) --yes
+
+sweep: $(STAMP)
+	$(BIN)/dtrak-ray sweep jobs/configs/demo.yaml --store $(STORE)
+
+# Each benchmark prints its ratios on its last lines; run them on an otherwise idle machine.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_featurize
+	$(BIN)/python -m benchmarks.bench_vs_trak
+	$(BIN)/python -m benchmarks.bench_scaling
+	$(BIN)/python -m benchmarks.bench_lambda_sweep
+	$(BIN)/python -m benchmarks.bench_reduction_memory
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

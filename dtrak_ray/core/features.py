@@ -41,5 +41,5 @@ def project_rows(
             ib = ib + [ib[-1]] * (micro_batch - n)
         grads = gc.averaged(xb, ib, f, grids, noise_seed, scheme)
         for K, g in grads.items():
-            out[K].append(projector.project(g)[:n])  # project the full padded batch: same GEMM shape every time
+            out[K].append(projector.project(g)[:n].cpu())  # project the full padded batch: same GEMM shape every time
     return {K: torch.cat(parts) for K, parts in out.items()}

@@ -59,6 +59,7 @@ class GradientComputer:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.frozen = {n: p.detach() for n, p in named.items() if n not in self.params}
         self.dim = sum(p.numel() for p in self.params.values())
+        self.device = next(model.parameters()).device
 
     def _per_sample(self, f_name: str):  # noqa: ANN202 - a functorch transform
         """vmap over samples of grad of sum_g f(x_{t_g}) over a group of timesteps of one sample.
@@ -98,7 +99,7 @@ class GradientComputer:
         """
         batch = x.shape[0]
         per_sample = self._per_sample(f)
-        sums = {K: torch.zeros(batch, self.dim) for K in grids}
+        sums = {K: torch.zeros(batch, self.dim, device=self.device) for K in grids}
         sets = {K: set(grid) for K, grid in grids.items()}
         groups: dict[tuple[int, ...], list[int]] = {}
         for t in sorted(set().union(*sets.values())):
@@ -110,7 +111,10 @@ class GradientComputer:
                 eps = torch.stack([keyed_noise(x.shape[1:], noise_seed, t, indices, scheme) for t in part], dim=1)
                 tt = torch.tensor(part, dtype=torch.long)
                 xt = add_noise(self.scheduler, x[:, None].expand_as(eps).reshape(-1, *x.shape[1:]), eps.reshape(-1, *x.shape[1:]), tt.repeat(batch))
-                flat = self._flatten(per_sample(self.params, xt.view_as(eps), eps, tt, elbo_weight(self.scheduler, tt)), batch)
+                # Noise and x_t are drawn on the CPU (keyed, the same on every device), then moved to the model's device.
+                dev = self.device
+                w = elbo_weight(self.scheduler, tt)
+                flat = self._flatten(per_sample(self.params, xt.view_as(eps).to(dev), eps.to(dev), tt.to(dev), w.to(dev)), batch)
                 for K in Ks:
                     sums[K] += flat
         return {K: sums[K] / len(grids[K]) for K in grids}

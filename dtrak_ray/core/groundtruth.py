@@ -34,7 +34,9 @@ def l_simple_outputs(
         eps = torch.cat([keyed_noise(x.shape[1:], noise_seed, t, indices) for t in ts])
         tt = torch.tensor(ts).repeat_interleave(n)
         x0 = x.repeat(len(ts), 1, 1, 1)
-        pred = torch.cat([model(xb, tb).sample for xb, tb in zip(add_noise(scheduler, x0, eps, tt).split(batch_size), tt.split(batch_size), strict=True)])
+        dev = next(model.parameters()).device  # noise is drawn on the CPU (keyed), the forward runs where the model is
+        xt = add_noise(scheduler, x0, eps, tt)
+        pred = torch.cat([model(xb.to(dev), tb.to(dev)).sample.cpu() for xb, tb in zip(xt.split(batch_size), tt.split(batch_size), strict=True)])
         err = ((pred - eps) ** 2).flatten(1).mean(1).double()
         total += err.view(len(ts), n).sum(0)
     return (total / len(timesteps)).float()

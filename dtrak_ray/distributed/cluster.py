@@ -31,8 +31,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        # No dashboard, and no Prometheus metrics exporter: the dashboard agent would serve it over HTTP
-        # on every interface (0.0.0.0). Ray's own gRPC ports stay, behind its token authentication.
+        # A local instance is one machine: its node address is loopback, so the HTTP servers Ray starts
+        # even without the dashboard (the dashboard agent, the metrics exporters of the dashboard head and
+        # the autoscaler) bind 127.0.0.1 instead of every interface. Ray resolves "127.0.0.1" passed as
+        # _node_ip_address to the machine's address unless clustering is off (what it does on macOS).
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
                  _system_config={"enable_metrics_collection": False})
 

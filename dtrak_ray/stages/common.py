@@ -57,6 +57,11 @@ def scheduler_of(cfg: ExperimentConfig) -> DDPMScheduler:
     return make_scheduler(d.num_train_timesteps, d.beta_start, d.beta_end)
 
 
+def device_of(cfg: ExperimentConfig) -> torch.device:
+    """The device a worker computes on: its GPU when the config asks for GPUs and one is visible."""
+    return torch.device("cuda" if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+
+
 def recipe_of(cfg: ExperimentConfig) -> Recipe:
     t = cfg.train
     return Recipe(t.epochs, t.batch_size, t.lr, tuple(t.betas), t.weight_decay, t.warmup_fraction, t.grad_clip, t.random_flip)

@@ -25,7 +25,7 @@ from dtrak_ray.core.models import count_parameters
 from dtrak_ray.core.projectors import make_projector
 from dtrak_ray.distributed.pool import map_actors
 from dtrak_ray.errors import ConfigError
-from dtrak_ray.stages.common import Context, load_images, load_model, new_model, provenance, scheduler_of
+from dtrak_ray.stages.common import Context, device_of, load_images, load_model, new_model, provenance, scheduler_of
 from dtrak_ray.storage import RunStore
 
 SPLITS = ("train", "val", "gen")
@@ -78,6 +78,7 @@ class Featurizer:
     ):
         self.run, self.cfg, self.digest = run, cfg, digest
         model, _ = load_model(run, model_key or run.base_model(0))
+        model.to(device_of(cfg))  # the actor's GPU when the config asks for GPUs and one is visible
         self.grads = GradientComputer(model, scheduler_of(cfg), select_parameters(model, cfg.features.parameters))
         fc = cfg.features
         self.projector = make_projector(fc.projector, self.grads.dim, fc.k, fc.projector_seed)

@@ -15,7 +15,7 @@ from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core.diffusion import timestep_grid
 from dtrak_ray.core.groundtruth import l_simple_outputs
 from dtrak_ray.distributed.pool import map_tasks
-from dtrak_ray.stages.common import TEST_SETS, Context, load_images, load_model, provenance, scheduler_of
+from dtrak_ray.stages.common import TEST_SETS, Context, device_of, load_images, load_model, provenance, scheduler_of
 from dtrak_ray.stages.train import ModelJob
 from dtrak_ray.storage import RunStore
 
@@ -36,6 +36,7 @@ def _evaluate_one(job: ModelJob, run: RunStore, cfg: ExperimentConfig, digest: s
         run.mark_done(_marker(job), digest=digest)
         return
     model, _ = load_model(run, job.key(run))
+    model.to(device_of(cfg))
     sched = scheduler_of(cfg)
     for test_set in TEST_SETS:
         x = load_images(run, test_set)

@@ -15,6 +15,7 @@ from dtrak_ray.core.training import TrainState, train_ddpm
 from dtrak_ray.distributed.pool import map_tasks
 from dtrak_ray.stages.common import (
     Context,
+    device_of,
     load_images,
     load_model,
     model_seed,
@@ -41,11 +42,6 @@ class ModelJob:
 def checkpoint_every(cfg: ExperimentConfig) -> int:
     """Epochs between checkpoints: ``train.checkpoint_every``, else a quarter of the epochs."""
     return cfg.train.checkpoint_every or max(1, cfg.train.epochs // 4)
-
-
-def device_of(cfg: ExperimentConfig) -> torch.device:
-    """The device a worker trains on: its GPU when the config asks for GPUs and one is visible."""
-    return torch.device("cuda" if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
 
 
 def _save_checkpoint(run: RunStore, key: str, model: torch.nn.Module, state: TrainState, digest: str, keep_all: bool) -> None:
