@@ -191,7 +191,9 @@ def estimate(workload: Workload, timing: Timing, workers: int = 1) -> Estimate:
 
 def configured_device(cfg: ExperimentConfig) -> str:
     """The device the config's workers train on: a GPU when it asks for GPUs and one is visible."""
-    return "cuda" if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+    from dtrak_ray.stages.common import device_of  # imported late, like the other stage helpers here
+
+    return device_of(cfg).type
 
 
 def configured_workers(cfg: ExperimentConfig) -> int:

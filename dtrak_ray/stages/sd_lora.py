@@ -21,17 +21,8 @@ import torch
 from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core import sd
 from dtrak_ray.core.projectors import Projector
-from dtrak_ray.core.training import Recipe
+from dtrak_ray.stages.common import device_of, recipe_of
 from dtrak_ray.storage import RunStore
-
-
-def _recipe(cfg: ExperimentConfig) -> Recipe:
-    t = cfg.train
-    return Recipe(t.epochs, t.batch_size, t.lr, tuple(t.betas), t.weight_decay, t.warmup_fraction, t.grad_clip, t.random_flip)
-
-
-def _device(cfg: ExperimentConfig) -> torch.device:
-    return torch.device("cuda" if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
 
 
 def captions(run: RunStore) -> list[str]:
@@ -91,12 +82,12 @@ def train_model(run: RunStore, cfg: ExperimentConfig, key: str, subset: int | No
     if subset is not None:
         mask = torch.from_numpy(run.read_array(f"{run.INDICES}/masks")[subset])
         images, labels = images[mask], labels[mask]
-    device = _device(cfg)
+    device = device_of(cfg)
     stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed).to(device)
     latents = sd.encode_images(stack, images)
     flipped = sd.encode_images(stack, images.flip(-1)) if cfg.train.random_flip else None
     emb = sd.encode_prompts(stack, captions(run)).cpu()
-    losses = sd.train_lora(stack, latents, emb[labels], _recipe(cfg), seed, flipped=flipped)
+    losses = sd.train_lora(stack, latents, emb[labels], recipe_of(cfg), seed, flipped=flipped)
     with tempfile.TemporaryDirectory() as tmp:
         sd.save_lora(stack, tmp)
         run.put_dir(tmp, key)
@@ -108,7 +99,7 @@ def train_model(run: RunStore, cfg: ExperimentConfig, key: str, subset: int | No
 def generate(indices: list[int], run: RunStore, cfg: ExperimentConfig, key: str) -> np.ndarray:
     """Gen images ``indices`` (pixels in [-1, 1]) from the SD pipeline with DDIM; image i uses caption i % styles."""
     stack, _ = load_stack(run, cfg, key)
-    stack.to(_device(cfg))
+    stack.to(device_of(cfg))
     caps = captions(run)
     g = cfg.generate
     return sd.generate(stack, [caps[i % len(caps)] for i in indices], indices, g.seed, g.ddim_steps, g.eta).cpu().numpy()
