@@ -235,22 +235,13 @@ class SweepFeaturizer:
         self.inner = Featurizer(run, cfg, digest)
 
     def __call__(self, shard: SweepShard) -> int:
-        from dtrak_ray.core.features import project_rows
-        from dtrak_ray.stages.common import load_images
+        from dtrak_ray.stages.featurize import Shard
 
-        fz, fc = self.inner, self.cfg.features
-        marker = self.run.sweep_shard(shard.split, shard.f, shard.Ks, fc.projector, fz.k, shard.index)
+        marker = self.run.sweep_shard(shard.split, shard.f, shard.Ks, self.cfg.features.projector, self.inner.k, shard.index)
         if self.run.done(marker, self.digest):
             return 0
-        if shard.split not in fz.images:
-            fz.images[shard.split] = load_images(self.run, shard.split)
-        idx = list(range(shard.start, shard.stop))
-        grids = {K: fz.grids[K] for K in shard.Ks}
-        # The same call as the stage's Featurizer: noise keyed by (seed, t, sample index), padded micro-batches.
-        rows = project_rows(fz.grads, fz.projector, fz.images[shard.split][idx], idx, shard.f, grids, fc.noise_seed, fc.noise, fc.micro_batch)
-        for K, phi in rows.items():
-            arr = self.run.open_array(features_key(self.run, self.cfg, shard.split, shard.f, K, fz.k), mode="r+")
-            arr[shard.start : shard.stop] = phi.numpy().astype(fc.dtype)
+        # The stage's own computation and arrays (features_key above), under the sweep's marker.
+        self.inner.write_rows(Shard(shard.split, shard.f, shard.index, shard.start, shard.stop, MODEL), shard.Ks)
         self.run.mark_done(marker, digest=self.digest)
         return shard.stop - shard.start
 

@@ -93,24 +93,30 @@ class Featurizer:
             self.sd = LatentModel(run, cfg, model_key or run.base_model(0))
 
     def __call__(self, shard: Shard) -> int:
-        fc = self.cfg.features
         marker = _shard_marker(self.cfg, shard, self.k)
         if self.run.done(marker, self.digest):
             return 0
+        self.write_rows(shard)
+        self.run.mark_done(marker, digest=self.digest)
+        return shard.stop - shard.start
+
+    def write_rows(self, shard: Shard, Ks: Sequence[int] | None = None) -> None:
+        """Compute the shard's rows at every K of ``Ks`` (default: all of this featurizer's) and write them
+        into their arrays; completion markers are the caller's."""
+        fc = self.cfg.features
+        grids = self.grids if Ks is None else {K: self.grids[K] for K in Ks}
         if shard.split not in self.images:
             self.images[shard.split] = load_images(self.run, shard.split)
         x = self.images[shard.split]
         idx = list(range(shard.start, shard.stop))
         # Noise is keyed by (seed, t, sample index within the split) so features do not depend on sharding.
         if self.sd is not None:
-            rows = self.sd.features(shard.split, x, idx, self.projector, shard.f, self.grids, fc.noise_seed, fc.noise, fc.micro_batch)
+            rows = self.sd.features(shard.split, x, idx, self.projector, shard.f, grids, fc.noise_seed, fc.noise, fc.micro_batch)
         else:
-            rows = project_rows(self.grads, self.projector, x[idx], idx, shard.f, self.grids, fc.noise_seed, fc.noise, fc.micro_batch)
+            rows = project_rows(self.grads, self.projector, x[idx], idx, shard.f, grids, fc.noise_seed, fc.noise, fc.micro_batch)
         for K, phi in rows.items():
             arr = self.run.open_array(features_key(self.run, self.cfg, shard.split, shard.f, K, self.k, shard.model), mode="r+")
             arr[shard.start : shard.stop] = phi.numpy().astype(fc.dtype)
-        self.run.mark_done(marker, digest=self.digest)
-        return shard.stop - shard.start
 
 
 def plan_shards(n: int, split: str, f: str, shard_size: int, model: str = MODEL) -> list[Shard]:
