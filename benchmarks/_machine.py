@@ -1,8 +1,10 @@
-"""How busy the machine is while a benchmark runs: its ratios mean little on a loaded machine."""
+"""What the benchmarks share: how busy the machine is (ratios mean little on a loaded one), and best-of timing."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -26,3 +28,13 @@ def load_note() -> str:
             line += "; sched_autogroup is on: this session's processes share one slice of CPU"
         line += ")"
     return line
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Best of ``repeats`` calls of ``fn``, in seconds (the least disturbed by the neighbours)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 import torch
 
+from benchmarks._machine import best_of
 from dtrak_ray.config import load_config
 from dtrak_ray.core.diffusion import add_noise, make_scheduler, timestep_grid
 from dtrak_ray.core.gradients import GradientComputer
@@ -29,12 +29,7 @@ from dtrak_ray.storage import Store
 
 def _best(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best_of(fn, repeats)
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import BasicProjector, ProjectionType
 from trak.utils import vectorize
 
-from benchmarks._machine import load_note
+from benchmarks._machine import best_of, load_note
 from dtrak_ray.config import load_config
 from dtrak_ray.core.diffusion import add_noise, elbo_weight, keyed_noise, make_scheduler, timestep_grid
 from dtrak_ray.core.features import project_rows
@@ -199,17 +199,7 @@ def _timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
     """(first call, best of ``repeats`` later calls) in seconds."""
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0, _best(fn, repeats)
-
-
-def _best(fn: Callable[[], None], repeats: int) -> float:
-    """Best of ``repeats`` calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return time.perf_counter() - t0, best_of(fn, repeats)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -307,7 +297,7 @@ def main() -> None:
             # per-timestep with TRAKer's own projector regenerates its 177k x 2048 matrix K times per
             # call (tens of seconds): one timed call is enough there.
             n = 1 if layout == "per-timestep" and block is None else args.repeats
-            best = _best(side.featurize, n)
+            best = best_of(side.featurize, n)
             rates[f"trak/{name}"] = pairs / best
             print(f"  TRAKer {name:22s}: {pairs / best:7.1f}   grad {grad:.1e}  feat {feat:.1e}  ip {ip:.3f}")
             del side
