@@ -43,7 +43,7 @@ from dtrak_ray.config import load_config
 from dtrak_ray.distributed.cluster import Resources, connect, shutdown
 from dtrak_ray.stages.common import Context, load_images, new_model, save_model
 from dtrak_ray.stages.data import run_data
-from dtrak_ray.stages.featurize import SPLITS, feature_dim, features_key, gradient_dim, run_featurize
+from dtrak_ray.stages.featurize import SPLITS, features_key, run_featurize, stored_dim
 from dtrak_ray.stages.train import run_generate
 from dtrak_ray.storage import Store
 
@@ -95,7 +95,7 @@ def main() -> None:
         save_model(run, run.base_model(0), new_model(cfg, cfg.seed))
         run_generate(prep, "bench")
         rows = sum(load_images(run, s).shape[0] for s in SPLITS) * len(cfg.features.output_functions)
-        k = feature_dim(cfg, gradient_dim(cfg))
+        k = stored_dim(cfg)
         sizes = ", ".join(f"{s} {load_images(run, s).shape[0]}" for s in SPLITS)
         console.print(
             f"run prepared in {time.perf_counter() - t0:.1f} s: {sizes} images x {len(cfg.features.output_functions)} output "

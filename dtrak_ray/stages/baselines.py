@@ -46,7 +46,7 @@ from dtrak_ray.core.training import total_steps
 from dtrak_ray.distributed.pool import map_tasks
 from dtrak_ray.stages.common import TEST_SETS, Context, load_images, load_model, provenance, recipe_of, scheduler_of
 from dtrak_ray.stages.data import read_masks
-from dtrak_ray.stages.featurize import MODEL, SPLITS, feature_dim, features_key, featurize_models, gradient_dim
+from dtrak_ray.stages.featurize import MODEL, SPLITS, features_key, featurize_models, stored_dim
 from dtrak_ray.stages.groundtruth import read_outputs
 from dtrak_ray.stages.score import ScoreSpec, compute_scores, kernel_for, kernel_spec, write_index
 from dtrak_ray.storage import RunStore
@@ -111,7 +111,7 @@ def _journey_rows(rows: tuple[int, int], run: RunStore, cfg: ExperimentConfig, k
 def journey_features(ctx: Context, digest: str) -> str:
     """Store the Journey-TRAK features of the Gen set (as model ``journey``, split ``gen``, f l_simple); their key."""
     cfg, run, fc = ctx.cfg, ctx.run, ctx.cfg.features
-    k = feature_dim(cfg, gradient_dim(cfg))
+    k = stored_dim(cfg)
     key = features_key(run, cfg, "gen", "l_simple", baseline_K(cfg), k, JOURNEY)
     n = load_images(run, "gen").shape[0]
     if not run.exists(key) or run.open_array(key).attrs.get("digest") != digest:
@@ -131,7 +131,7 @@ def journey_features(ctx: Context, digest: str) -> str:
 def run_baselines(ctx: Context, digest: str) -> None:
     cfg, run, b = ctx.cfg, ctx.run, ctx.cfg.baselines
     methods = set(b.methods)
-    k = feature_dim(cfg, gradient_dim(cfg))
+    k = stored_dim(cfg)
     K = baseline_K(cfg)
     specs: list[ScoreSpec] = []
     entries: list[dict] = []

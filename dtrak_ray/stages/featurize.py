@@ -56,6 +56,12 @@ def feature_dim(cfg: ExperimentConfig, p: int) -> int:
     return p if cfg.features.projector == "none" else cfg.features.k
 
 
+def stored_dim(cfg: ExperimentConfig) -> int:
+    """Columns of the stored features: ``features.k``, or p without projection. Builds the model (for
+    Stable Diffusion: loads it) only in that last case, where p is needed."""
+    return cfg.features.k if cfg.features.projector != "none" else gradient_dim(cfg)
+
+
 def features_key(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int, k: int, model: str = MODEL) -> str:
     return run.features(model, split, f, K, cfg.features.projector, k)
 
@@ -199,6 +205,6 @@ def _plan_model(
 
 def read_features(run: RunStore, cfg: ExperimentConfig, split: str, f: str, K: int, model: str = MODEL) -> tuple[object, dict]:
     """(n, k) float64 features of a split and their provenance attributes."""
-    k = feature_dim(cfg, gradient_dim(cfg))
+    k = stored_dim(cfg)
     arr = run.open_array(features_key(run, cfg, split, f, K, k, model))
     return arr[...].astype("float64"), dict(arr.attrs)

@@ -49,7 +49,7 @@ from dtrak_ray.distributed.reduce import tree_sum
 from dtrak_ray.provenance import check_features_pair, check_scores_vs_ground_truth
 from dtrak_ray.stages.common import TEST_SETS, Context, provenance
 from dtrak_ray.stages.data import read_masks
-from dtrak_ray.stages.featurize import MODEL, feature_dim, features_key, gradient_dim
+from dtrak_ray.stages.featurize import MODEL, feature_dim, features_key, stored_dim
 from dtrak_ray.stages.groundtruth import read_outputs
 from dtrak_ray.storage import RunStore
 
@@ -95,7 +95,7 @@ def reduce_gram(ctx: Context, train_key: str, desc: str) -> KernelEig:
 def kernel_for(ctx: Context, model: str, f: str, K: int) -> tuple[str, KernelEig]:
     """The stored factorization of a model's train features (computed and stored if missing or stale)."""
     cfg, run = ctx.cfg, ctx.run
-    k = feature_dim(cfg, gradient_dim(cfg))
+    k = stored_dim(cfg)
     train_key = features_key(run, cfg, "train", f, K, k, model)
     key = run.kernel(model, f, K, cfg.features.projector, k)
     src = dict(run.open_array(train_key).attrs)
@@ -203,7 +203,7 @@ def kernel_spec(ctx: Context, model: str, test_model: str, test_split: str, f: s
                 scale: Literal["none", "relative", "renormalized"] = "none", test_f: str | None = None, **attrs: Any) -> ScoreSpec:
     """A kernel-form spec: train features of ``model`` (f, K) against test features of ``test_model``."""
     cfg, run = ctx.cfg, ctx.run
-    k = feature_dim(cfg, gradient_dim(cfg))
+    k = stored_dim(cfg)
     train_key = features_key(run, cfg, "train", f, K, k, model)
     test_key = features_key(run, cfg, test_split, test_f or f, K, k, test_model)
     src = dict(run.open_array(train_key).attrs)
