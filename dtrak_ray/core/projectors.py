@@ -122,16 +122,22 @@ class SJLTProjector:
             idx.append(torch.randint(0, k, (rows, self.s), generator=g))
             sign.append(torch.randint(0, 2, (rows, self.s), generator=g).mul_(2).sub_(1).to(torch.float32))
         self.idx = torch.cat(idx)  # (p, s)
-        self.sign = torch.cat(sign) * (k / self.s) ** 0.5
+        self.scale = (k / self.s) ** 0.5
+        self.sign = torch.cat(sign) * self.scale
+        # Coordinates with a negative sign go to a second bank of k columns, subtracted at the end:
+        # the scatter then adds the gradient as it is, with no signed (B, p) copy per j.
+        self._banked = [(self.idx[:, j] + k * (self.sign[:, j] < 0)).contiguous() for j in range(self.s)]
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.shape[-1] != self.p:
             raise ValueError(f"gradients have {grads.shape[-1]} coordinates, projector expects p={self.p}")
         g32 = grads.to(torch.float32)
-        out = torch.zeros(grads.shape[0], self.k, dtype=torch.float32, device=grads.device)
-        for j in range(self.s):
-            out.index_add_(1, self.idx[:, j].to(grads.device), g32 * self.sign[:, j].to(grads.device))
-        return out
+        if self._banked[0].device != grads.device:
+            self._banked = [b.to(grads.device) for b in self._banked]
+        banks = torch.zeros(grads.shape[0], 2 * self.k, dtype=torch.float32, device=grads.device)
+        for b in self._banked:
+            banks.index_add_(1, b, g32)
+        return (banks[:, : self.k] - banks[:, self.k :]).mul_(self.scale)
 
     def matrix(self) -> torch.Tensor:
         m = torch.zeros(self.p, self.k)
