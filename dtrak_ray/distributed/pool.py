@@ -34,22 +34,26 @@ def _progress(desc: str) -> Progress:
     )
 
 
-def _set_threads(n: int) -> None:
+def _prepare_worker(threads: int) -> None:
+    """Torch threads of a worker, and an allocator that keeps per-batch buffers (dtrak_ray.allocator)."""
     import torch
 
-    torch.set_num_threads(n)
+    from dtrak_ray.allocator import keep_freed_memory
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
 
 
 @ray.remote
 def _run_task(fn: Callable[[Any], Any], item: Any, threads: int) -> Any:
-    _set_threads(threads)
+    _prepare_worker(threads)
     return fn(item)
 
 
 @ray.remote
 class _Actor:
     def __init__(self, factory: Callable[[], Callable[[Any], Any]], threads: int):
-        _set_threads(threads)
+        _prepare_worker(threads)
         self.worker = factory()
 
     def __call__(self, item: Any) -> Any:
