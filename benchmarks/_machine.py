@@ -38,3 +38,21 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warm_up: bool = True) -> dict[str, float]:
+    """Best seconds of each contender over ``rounds`` rounds, each round calling every contender once.
+
+    The load of other processes drifts over minutes; timing the sides one after the other lets that
+    drift land on one side only, while interleaving spreads it over all of them.
+    """
+    if warm_up:
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {c: [] for c in contenders}
+    for _ in range(rounds):
+        for c, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[c].append(time.perf_counter() - t0)
+    return {c: min(ts) for c, ts in times.items()}
