@@ -55,7 +55,7 @@ from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import BasicProjector, ProjectionType
 from trak.utils import vectorize
 
-from benchmarks._machine import best_of, load_note
+from benchmarks._machine import best_of, interleaved, load_note
 from dtrak_ray.allocator import keep_freed_memory
 from dtrak_ray.config import load_config
 from dtrak_ray.core.diffusion import add_noise, elbo_weight, keyed_noise, make_scheduler, timestep_grid
@@ -332,13 +332,7 @@ def main() -> None:
             contenders[f"TRAKer ({name})"] = side.featurize
         contenders["plain training"] = _train_step(copy.deepcopy(model), sched, inputs)
         contenders["plain training"]()  # warm-up
-        times: dict[str, list[float]] = {c: [] for c in contenders}
-        for _ in range(rounds):
-            for c, fn in contenders.items():
-                t0 = time.perf_counter()
-                fn()
-                times[c].append(time.perf_counter() - t0)
-        head = {c: pairs / min(ts) for c, ts in times.items()}
+        head = {c: pairs / t for c, t in interleaved(contenders, rounds, warm_up=False).items()}
         print(f"head to head, interleaved, best of {rounds} rounds: " + ", ".join(f"{c} {r:.1f}" for c, r in head.items()))
 
     ours_name, best_ours = max(((c, r) for c, r in head.items() if c.startswith("ours")), key=lambda cr: cr[1])
