@@ -34,7 +34,7 @@ def _progress(desc: str) -> Progress:
     )
 
 
-def _prepare_worker(threads: int) -> None:
+def prepare_worker(threads: int) -> None:
     """Torch threads of a worker, and an allocator that keeps per-batch buffers (dtrak_ray.allocator)."""
     import torch
 
@@ -46,14 +46,14 @@ def _prepare_worker(threads: int) -> None:
 
 @ray.remote
 def _run_task(fn: Callable[[Any], Any], item: Any, threads: int) -> Any:
-    _prepare_worker(threads)
+    prepare_worker(threads)
     return fn(item)
 
 
 @ray.remote
 class _Actor:
     def __init__(self, factory: Callable[[], Callable[[Any], Any]], threads: int):
-        _prepare_worker(threads)
+        prepare_worker(threads)
         self.worker = factory()
 
     def __call__(self, item: Any) -> Any:

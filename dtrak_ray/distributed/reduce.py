@@ -21,14 +21,14 @@ import numpy as np
 import ray
 
 from dtrak_ray.distributed.cluster import Resources
-from dtrak_ray.distributed.pool import _progress, _set_threads
+from dtrak_ray.distributed.pool import _progress, prepare_worker
 
 T = TypeVar("T")
 
 
 @ray.remote
 def _leaf(fn: Callable[[Any], np.ndarray], item: Any, threads: int) -> np.ndarray:
-    _set_threads(threads)
+    prepare_worker(threads)
     return np.asarray(fn(item))
 
 
