@@ -50,6 +50,7 @@ class Workload:
     n_test: int
     counterfactual_models: int = 0
     counterfactual_steps_per_model: int = 0
+    note: str = ""  # what was timed, where it is not the configured model itself
 
     @property
     def train_steps(self) -> int:
@@ -141,17 +142,21 @@ def measure(model: torch.nn.Module, batch_size: int, device: str = "cpu", steps:
         model = model.to(device).train()
         n_params = sum(p.numel() for p in model.parameters())
         b = probe_batch(batch_size, n_params, device)
-        shape = (b, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+        config = model.unet.config if hasattr(model, "unet") else model.config  # a PromptConditioned SD UNet, or a UNet2DModel
+        shape = (b, config.in_channels, config.sample_size, config.sample_size)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g).to(device)
         t = torch.randint(0, 1000, (b,), generator=g).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights only, for SD + LoRA
+
+        opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step() -> None:
             loss = torch.nn.functional.mse_loss(model(x, t).sample, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
 
         def sync() -> None:
@@ -225,15 +230,49 @@ def dataset_sizes(cfg: ExperimentConfig) -> tuple[int, int]:
     return len(train), len(val)
 
 
-def estimate_config(cfg: ExperimentConfig, paper: bool = True) -> list[Estimate]:
-    """Measure and estimate the config's ground truth and, with ``paper``, the paper's CIFAR-2 one, on the configured device."""
-    from dtrak_ray.core.models import build_unet
+def timed_model(cfg: ExperimentConfig, stand_in: dict[str, Any] | None = None) -> tuple[torch.nn.Module, str]:
+    """The model whose steps are timed for ``cfg``, and a note on what it is.
+
+    A UNet is built from the config. For Stable Diffusion + LoRA, the pretrained UNet with fresh
+    LoRA adapters, conditioned on a caption-sized embedding (77 x cross-attention width, as CLIP's
+    text encoder gives); where ``model.pretrained`` is not on this machine, the miniSD (SD 1.x)
+    architecture with random weights stands in (``stand_in``: another UNet2DConditionModel config):
+    a step's time depends on the shapes, not the values.
+    """
+    from pathlib import Path
+
     from dtrak_ray.stages.common import new_model
+
+    if cfg.model.kind != "sd-lora":
+        return new_model(cfg, 0), ""
+    from diffusers import UNet2DConditionModel
+
+    from dtrak_ray.core import sd
+
+    if (Path(cfg.model.pretrained) / "unet").is_dir():
+        unet, note = new_model(cfg, 0), f"UNet of {cfg.model.pretrained}"
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**(stand_in or sd.MINISD_UNET))
+        sd.add_lora(unet, cfg.model.lora_rank, 0)
+        note = f"{cfg.model.pretrained} not here: miniSD's architecture with random weights timed"
+    width = unet.config.cross_attention_dim
+    return sd.PromptConditioned(unet, torch.randn(77, width, generator=torch.Generator().manual_seed(0))), note
+
+
+def estimate_config(cfg: ExperimentConfig, paper: bool = True) -> list[Estimate]:
+    """Measure and estimate the config's ground truth and, with ``paper``, the paper's CIFAR-2 one, on the configured device.
+
+    Parameters are the trainable ones (for SD + LoRA, the adapters), the ones features are taken wrt.
+    """
+    from dtrak_ray.core.models import build_unet
 
     device, workers, threads = configured_device(cfg), configured_workers(cfg), cfg.resources.torch_threads
     n_train, n_val = dataset_sizes(cfg)
-    model = new_model(cfg, 0)
-    work = workload_of(cfg, n_train, n_val, sum(p.numel() for p in model.parameters()))
+    model, note = timed_model(cfg)
+    work = workload_of(cfg, n_train, n_val, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    work = replace(work, note=note)
     out = [estimate(work, measure(model, cfg.train.batch_size, device, threads=threads), workers)]
     if paper:
         big = build_unet(0, **PAPER_CIFAR2_MODEL)
@@ -250,7 +289,7 @@ def describe(est: Estimate) -> dict[str, Any]:
         "steps_per_model": w.steps_per_model, "batch": w.batch_size, "train_steps": w.train_steps, "forward_passes": w.forward_passes,
         "device": t.device, "probe_batch": t.probe_batch, "s_per_step": t.seconds_per_step, "s_per_forward": t.seconds_per_forward,
         "train_hours": est.train_hours, "output_hours": est.output_hours, "device_hours": est.device_hours,
-        "workers": est.workers, "wall_hours": est.wall_hours,
+        "workers": est.workers, "wall_hours": est.wall_hours, "note": w.note,
     }
 
 
@@ -282,4 +321,7 @@ def cost_table(estimates: list[Estimate]) -> Any:
     ]
     for name, fmt in rows:
         table.add_row(name, *(fmt(d) for d in ds))
+    notes = [f"{d['setting']}: {d['note']}" for d in ds if d["note"]]
+    if notes:
+        table.caption = "; ".join(notes)
     return table

@@ -74,3 +74,37 @@ def test_cli_estimate_and_run_gate(tmp_path):
     res = runner.invoke(app, ["run", str(config), "--store", str(store), "--no-paper"])
     assert res.exit_code == 2 and "--yes" in res.output
     assert not (store / "cost").exists()
+
+
+def test_sd_lora_estimate_times_the_pretrained_unet_or_stands_in_for_it(tmp_path):
+    """ArtBench's estimate: LoRA-only parameters; the pretrained UNet where it is, its architecture where not."""
+    from pathlib import Path
+
+    from dtrak_ray.config import load_config
+    from dtrak_ray.core.sd import lora_parameter_count, write_tiny_sd
+    from dtrak_ray.cost import estimate_config, timed_model
+    from tests.ray.test_settings_smoke import smoke_overrides
+
+    config = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "artbench2.yaml"
+    tiny = write_tiny_sd(tmp_path / "tiny-sd", image_size=16)
+    sd_lines = [line.replace("TINY_SD", str(tiny)) for line in smoke_overrides(config, "smoke-sd")]
+    cfg = load_config(config, [*smoke_overrides(config), *sd_lines, "data.n_train=16", "data.n_val=4"])
+    (est,) = estimate_config(cfg, paper=False)
+    model, note = timed_model(cfg)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert note == f"UNet of {tiny}" and 0 < lora < sum(p.numel() for p in model.parameters())
+    assert est.workload.n_params == lora  # features and steps are over the adapters only
+    assert est.workload.models == 4 and est.timing.seconds_per_step > 0 and est.device_hours > 0
+    # No pretrained folder: the architecture stands in with random weights (a tiny one here; the
+    # default is miniSD's), named in the table's caption.
+    absent = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(tmp_path / "no-such-sd")})})
+    arch = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    )
+    model, note = timed_model(absent, stand_in=arch)
+    assert "no-such-sd not here" in note and "random weights" in note
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora_parameter_count(arch, cfg.model.lora_rank)
+    t = measure(model, batch_size=4, device="cpu", steps=1, threads=1)
+    assert t.seconds_per_step > 0 and t.seconds_per_forward > 0
