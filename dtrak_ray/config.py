@@ -108,6 +108,9 @@ class TrainConfig(_Section):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     random_flip: bool = Field(False, description="Random horizontal flips (off for digits).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast dtype of the training forward: fp16 (with a gradient scaler; the paper's, for SD + LoRA) or bf16; weights stay float32."
+    )
     checkpoint_every: int | None = Field(
         None, ge=1, description="Checkpoint every N epochs (None: epochs // 4, so the base model keeps 4 evenly spaced checkpoints)."
     )

@@ -109,6 +109,27 @@ def test_train_lora_changes_only_the_adapters_and_roundtrips(tiny_sd, tmp_path):
     assert all(torch.equal(p, dict(again.unet.named_parameters())[n]) for n, p in stack.unet.named_parameters())
 
 
+def test_train_lora_in_fp16_follows_float32(tiny_sd):
+    """The paper's fp16 mixed precision (autocast + gradient scaler; here the CPU's autocast) against float32."""
+    from dtrak_ray.core import sd
+
+    path, _ = tiny_sd
+    runs = {}
+    for mp in ("no", "fp16"):
+        stack = sd.load_sd(path, rank=4, seed=1)
+        latents = sd.encode_images(stack, _images(6, 0))
+        emb = sd.encode_prompts(stack, ["a ukiyo-e painting", "a post-impressionism painting"])
+        recipe = Recipe(2, 4, 1e-3, (0.9, 0.999), 0.0, 0.0, 1.0, False, mixed_precision=mp)
+        losses = sd.train_lora(stack, latents, emb[torch.tensor([0, 1, 0, 1, 0, 1])], recipe, seed=3)
+        lora = {n: p.detach().clone() for n, p in stack.unet.named_parameters() if p.requires_grad}
+        runs[mp] = (losses, lora)
+    (ref_losses, ref), (losses, lora) = runs["no"], runs["fp16"]
+    assert {p.dtype for p in lora.values()} == {torch.float32}
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-2, atol=0)
+    diff = max(float((lora[n] - ref[n]).abs().max()) for n in ref)
+    assert 0 < diff < 1e-2 * max(float(ref[n].abs().max()) for n in ref)  # autocast ran, and stayed close
+
+
 def test_per_sample_gradients_wrt_lora_match_autograd(tiny_sd):
     from dtrak_ray.core import sd
 

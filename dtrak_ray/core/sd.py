@@ -16,8 +16,8 @@ Interface, mirroring the UNet path of :mod:`dtrak_ray.core`:
   ``model(x_t, t).sample`` like a ``UNet2DModel``. The core's ``GradientComputer``,
   ``l_simple_outputs`` and ``train`` code then run unchanged on latents, one prompt group at a
   time; gradients are taken wrt the LoRA parameters only (:data:`LORA_PATTERN`).
-- :func:`train_lora`: the recipe on latents (fp16 autocast and a gradient scaler on CUDA only;
-  float32 on CPU), :func:`generate`: the diffusers ``StableDiffusionPipeline`` with DDIM, start
+- :func:`train_lora`: the recipe on latents (``recipe.mixed_precision``: the paper's fp16 autocast
+  with a gradient scaler), :func:`generate`: the diffusers ``StableDiffusionPipeline`` with DDIM, start
   latents keyed by (seed, image index) like :func:`dtrak_ray.core.sampling.ddim_sample`.
 - :func:`latent_outputs`, :func:`latent_features`: the LDS ground truth and the projected LoRA
   gradients of latents, each row under its own caption (rows grouped by label).
@@ -43,7 +43,7 @@ from dtrak_ray.core.gradients import GradientComputer, select_parameters
 from dtrak_ray.core.groundtruth import l_simple_outputs
 from dtrak_ray.core.models import count_on_meta, use_plain_attention
 from dtrak_ray.core.projectors import Projector
-from dtrak_ray.core.training import Recipe, total_steps
+from dtrak_ray.core.training import Recipe, precision, total_steps
 from dtrak_ray.errors import MissingArtifactError
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -193,21 +193,20 @@ def train_lora(
     """Train the LoRA weights on (n, 4, h, w) latents with per-sample (n, seq, dim) caption embeddings.
 
     ``flipped``: latents of the horizontally flipped images, drawn instead with probability 1/2
-    when ``recipe.random_flip`` (a flip of the image is not a flip of its latent). On CUDA the
-    forward runs under fp16 autocast with a gradient scaler (the paper's mixed precision); on CPU
-    in float32. Returns the loss per epoch.
+    when ``recipe.random_flip`` (a flip of the image is not a flip of its latent). The forward runs
+    under ``recipe.mixed_precision`` (the paper's: fp16 autocast with a gradient scaler; the LoRA
+    weights and the optimizer stay float32). Returns the loss per epoch.
     """
     if latents.shape[0] == 0:
         raise ValueError("no training latents")
     unet = stack.unet
     device = next(unet.parameters()).device
-    cuda = device.type == "cuda"
     params = [p for p in unet.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     steps = total_steps(latents.shape[0], recipe)
     lr_sched = get_cosine_schedule_with_warmup(opt, int(recipe.warmup_fraction * steps), steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    autocast, scaler = precision(recipe, device)
     T = stack.scheduler.config.num_train_timesteps
     unet.train()
     losses: list[float] = []
@@ -225,7 +224,7 @@ def train_lora(
                 eps = torch.randn(x.shape, generator=g)
                 t = torch.randint(0, T, (len(idx),), generator=g)
                 xt = add_noise(stack.scheduler, x, eps, t)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                with autocast():
                     pred = unet(xt.to(device), t.to(device), encoder_hidden_states=embeddings[idx].to(device)).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), eps.to(device))
                 opt.zero_grad(set_to_none=True)

@@ -10,6 +10,10 @@ dropout, which draws from torch's global generator) comes from generators seeded
 (seed, epoch) alone, and a run resumed from a :class:`TrainState` taken at the end of epoch ``e``
 (model, optimizer and LR-scheduler state, step, losses) continues exactly as the uninterrupted run
 would have: the tests check equality of the final weights.
+
+Mixed precision (``Recipe.mixed_precision``, the paper's fp16 for Stable Diffusion + LoRA): the
+forward runs under ``torch.autocast`` in fp16 or bf16 while the weights, optimizer and loss stay
+float32; fp16 adds a gradient scaler (:func:`precision`), whose state is part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +47,23 @@ class Recipe:
     warmup_fraction: float
     grad_clip: float
     random_flip: bool
+    mixed_precision: str = "no"  # "no", "fp16" (autocast + gradient scaler) or "bf16" (autocast)
+
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision(recipe: Recipe, device: torch.device) -> tuple[Callable[[], AbstractContextManager], torch.amp.GradScaler]:
+    """The forward's autocast context (a factory) and the gradient scaler of ``recipe.mixed_precision``.
+
+    Both are no-ops for "no". Autocast runs on the model's device type, a CPU too (slow in fp16, but
+    the same code path as on a GPU, which is how the tests check it).
+    """
+    if recipe.mixed_precision not in ("no", *AUTOCAST_DTYPES):
+        raise ValueError(f"mixed_precision={recipe.mixed_precision!r}: use no, fp16 or bf16")
+    dtype = AUTOCAST_DTYPES.get(recipe.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return (lambda: torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)), scaler
 
 
 @dataclass
@@ -59,15 +81,17 @@ class TrainState:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     losses: list[float] = field(default_factory=list)
+    scaler: dict[str, Any] = field(default_factory=dict)  # the fp16 gradient scaler's state (empty otherwise)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping for ``torch.save`` (the model weights are saved separately by the caller if wanted)."""
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "model": self.model,
-                "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "losses": list(self.losses)}
+                "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "losses": list(self.losses),
+                "scaler": self.scaler}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(d["epoch"], d["step"], d["seed"], d["model"], d["optimizer"], d["lr_scheduler"], list(d["losses"]))
+        return cls(d["epoch"], d["step"], d["seed"], d["model"], d["optimizer"], d["lr_scheduler"], list(d["losses"]), d.get("scaler", {}))
 
 
 def total_steps(n_images: int, recipe: Recipe) -> int:
@@ -107,12 +131,15 @@ def train_ddpm(
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     steps = total_steps(images.shape[0], recipe)
     lr_sched = get_cosine_schedule_with_warmup(opt, int(recipe.warmup_fraction * steps), steps)
+    autocast, scaler = precision(recipe, device)
     losses: list[float] = []
     step, first_epoch = 0, 0
     if resume is not None:
         model.load_state_dict(resume.model)
         opt.load_state_dict(resume.optimizer)
         lr_sched.load_state_dict(resume.lr_scheduler)
+        if resume.scaler:
+            scaler.load_state_dict(resume.scaler)
         step, first_epoch, losses = resume.step, resume.epoch, list(resume.losses)
     T = scheduler.config.num_train_timesteps
     abar = scheduler.alphas_cumprod.to(device=device, dtype=images.dtype)
@@ -132,11 +159,15 @@ def train_ddpm(
                 eps = torch.randn(x.shape, generator=g).to(device)
                 t = torch.randint(0, T, (x.shape[0],), generator=g).to(device)
                 a = abar[t].view(-1, 1, 1, 1)  # the same arithmetic as core.diffusion.add_noise, on the model's device
-                loss = torch.nn.functional.mse_loss(model(a.sqrt() * x + (1 - a).sqrt() * eps, t).sample, eps)
+                with autocast():
+                    pred = model(a.sqrt() * x + (1 - a).sqrt() * eps, t).sample
+                loss = torch.nn.functional.mse_loss(pred.float(), eps)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 lr_sched.step()
                 step += 1
                 epoch_loss += loss.item() * x.shape[0]
@@ -148,7 +179,8 @@ def train_ddpm(
                 model.eval()
                 # Copies: the live optimizer state is updated in place by the next step.
                 state = TrainState(epoch + 1, step, seed, _cpu(model.state_dict()), copy.deepcopy(opt.state_dict()),
-                                   copy.deepcopy(lr_sched.state_dict()), list(losses))
+                                   copy.deepcopy(lr_sched.state_dict()), list(losses),
+                                   scaler.state_dict() if scaler.is_enabled() else {})
                 on_checkpoint(state)
                 model.train()
     model.eval()

@@ -64,7 +64,9 @@ def device_of(cfg: ExperimentConfig) -> torch.device:
 
 def recipe_of(cfg: ExperimentConfig) -> Recipe:
     t = cfg.train
-    return Recipe(t.epochs, t.batch_size, t.lr, tuple(t.betas), t.weight_decay, t.warmup_fraction, t.grad_clip, t.random_flip)
+    return Recipe(
+        t.epochs, t.batch_size, t.lr, tuple(t.betas), t.weight_decay, t.warmup_fraction, t.grad_clip, t.random_flip, t.mixed_precision
+    )
 
 
 def new_model(cfg: ExperimentConfig, seed: int) -> UNet2DModel:
