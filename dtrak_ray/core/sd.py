@@ -35,15 +35,14 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from dtrak_ray.core.diffusion import NoiseScheme, add_noise, keyed_noise, make_ddim
+from dtrak_ray.core.diffusion import NoiseScheme, keyed_noise, make_ddim
 from dtrak_ray.core.features import project_rows
 from dtrak_ray.core.gradients import GradientComputer, select_parameters
 from dtrak_ray.core.groundtruth import l_simple_outputs
 from dtrak_ray.core.models import count_on_meta, use_plain_attention
 from dtrak_ray.core.projectors import Projector
-from dtrak_ray.core.training import Recipe, precision, total_steps
+from dtrak_ray.core.training import Recipe, train_ddpm
 from dtrak_ray.errors import MissingArtifactError
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -189,54 +188,20 @@ def train_lora(
     recipe: Recipe,
     seed: int,
     flipped: torch.Tensor | None = None,
+    **checkpointing: Any,
 ) -> list[float]:
     """Train the LoRA weights on (n, 4, h, w) latents with per-sample (n, seq, dim) caption embeddings.
 
-    ``flipped``: latents of the horizontally flipped images, drawn instead with probability 1/2
-    when ``recipe.random_flip`` (a flip of the image is not a flip of its latent). The forward runs
-    under ``recipe.mixed_precision`` (the paper's: fp16 autocast with a gradient scaler; the LoRA
-    weights and the optimizer stay float32). Returns the loss per epoch.
+    The UNet path's loop (:func:`dtrak_ray.core.training.train_ddpm`) on latents: the same seeded
+    randomness, mixed precision (``recipe.mixed_precision``; the paper's fp16) and checkpoints
+    (``checkpointing``: ``resume``, ``checkpoint_every``, ``on_checkpoint``, whose states hold the
+    adapter weights only). ``flipped``: latents of the horizontally flipped images, drawn instead
+    with probability 1/2 when ``recipe.random_flip``. Returns the loss per epoch.
     """
     if latents.shape[0] == 0:
         raise ValueError("no training latents")
-    unet = stack.unet
-    device = next(unet.parameters()).device
-    params = [p for p in unet.parameters() if p.requires_grad]
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-    steps = total_steps(latents.shape[0], recipe)
-    lr_sched = get_cosine_schedule_with_warmup(opt, int(recipe.warmup_fraction * steps), steps)
-    autocast, scaler = precision(recipe, device)
-    T = stack.scheduler.config.num_train_timesteps
-    unet.train()
-    losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(recipe.epochs):
-            perm = torch.randperm(latents.shape[0], generator=g)
-            total = 0.0
-            for start in range(0, latents.shape[0], recipe.batch_size):
-                idx = perm[start : start + recipe.batch_size]
-                x = latents[idx]
-                if recipe.random_flip and flipped is not None:
-                    flip = torch.rand(len(idx), generator=g) < 0.5
-                    x = torch.where(flip.view(-1, 1, 1, 1), flipped[idx], x)
-                eps = torch.randn(x.shape, generator=g)
-                t = torch.randint(0, T, (len(idx),), generator=g)
-                xt = add_noise(stack.scheduler, x, eps, t)
-                with autocast():
-                    pred = unet(xt.to(device), t.to(device), encoder_hidden_states=embeddings[idx].to(device)).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), eps.to(device))
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                lr_sched.step()
-                total += loss.item() * len(idx)
-            losses.append(total / latents.shape[0])
-    unet.eval()
+    losses = train_ddpm(stack.unet, stack.scheduler, latents, recipe, seed, cond=embeddings, flipped=flipped, **checkpointing)
+    stack.unet.eval()
     return losses
 
 

@@ -114,13 +114,21 @@ def train_ddpm(
     resume: TrainState | None = None,
     checkpoint_every: int | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    cond: torch.Tensor | None = None,
+    flipped: torch.Tensor | None = None,
 ) -> list[float]:
-    """Train ``model`` in place on ``images`` (n, C, H, W) in [-1, 1]; returns the loss per epoch.
+    """Train ``model``'s trainable parameters in place on ``images`` (n, C, H, W); returns the loss per epoch.
 
     ``resume``: a state taken after some epoch of the same (images, recipe, seed); training
     continues from there. ``on_checkpoint(state)`` is called after every ``checkpoint_every``-th
-    epoch and after the last one. The model may live on a GPU: random draws are made on the CPU and
-    moved, so a model does not depend on the device that trained it beyond float rounding.
+    epoch and after the last one; its ``model`` holds the trainable parameters only (for LoRA, the
+    adapters). The model may live on a GPU: random draws are made on the CPU and moved, so a model
+    does not depend on the device that trained it beyond float rounding.
+
+    Latent diffusion (Stable Diffusion + LoRA) uses the same loop: ``images`` are latents,
+    ``cond`` the per-sample (n, seq, dim) caption embeddings passed as ``encoder_hidden_states``,
+    and ``flipped`` the latents of the flipped images, taken where a flip is drawn (a flip of an
+    image is not a flip of its latent).
     """
     if images.shape[0] == 0:
         raise ValueError("no training images")
@@ -128,14 +136,19 @@ def train_ddpm(
         raise ValueError(f"checkpoint was made with seed {resume.seed}, not {seed}: it cannot be resumed here")
     device = next(model.parameters()).device
     images = images.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    cond = cond.to(device) if cond is not None else None
+    flipped = flipped.to(device) if flipped is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     steps = total_steps(images.shape[0], recipe)
     lr_sched = get_cosine_schedule_with_warmup(opt, int(recipe.warmup_fraction * steps), steps)
     autocast, scaler = precision(recipe, device)
     losses: list[float] = []
     step, first_epoch = 0, 0
     if resume is not None:
-        model.load_state_dict(resume.model)
+        missing = set(model.load_state_dict(resume.model, strict=False).missing_keys)
+        if missing & {n for n, p in model.named_parameters() if p.requires_grad}:
+            raise ValueError(f"checkpoint lacks trainable parameters {sorted(missing)[:3]}: it is of another model")
         opt.load_state_dict(resume.optimizer)
         lr_sched.load_state_dict(resume.lr_scheduler)
         if resume.scaler:
@@ -152,20 +165,22 @@ def train_ddpm(
             perm = torch.randperm(images.shape[0], generator=g)
             epoch_loss = 0.0
             for start in range(0, images.shape[0], recipe.batch_size):
-                x = images[perm[start : start + recipe.batch_size].to(device)]
+                idx = perm[start : start + recipe.batch_size].to(device)
+                x = images[idx]
                 if recipe.random_flip:
                     flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(device)
-                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1) if flipped is None else flipped[idx], x)
                 eps = torch.randn(x.shape, generator=g).to(device)
                 t = torch.randint(0, T, (x.shape[0],), generator=g).to(device)
                 a = abar[t].view(-1, 1, 1, 1)  # the same arithmetic as core.diffusion.add_noise, on the model's device
+                kwargs = {} if cond is None else {"encoder_hidden_states": cond[idx]}
                 with autocast():
-                    pred = model(a.sqrt() * x + (1 - a).sqrt() * eps, t).sample
+                    pred = model(a.sqrt() * x + (1 - a).sqrt() * eps, t, **kwargs).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), eps)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
                 scaler.step(opt)
                 scaler.update()
                 lr_sched.step()
@@ -178,7 +193,7 @@ def train_ddpm(
             if on_checkpoint is not None and checkpoint_every and ((epoch + 1) % checkpoint_every == 0 or last):
                 model.eval()
                 # Copies: the live optimizer state is updated in place by the next step.
-                state = TrainState(epoch + 1, step, seed, _cpu(model.state_dict()), copy.deepcopy(opt.state_dict()),
+                state = TrainState(epoch + 1, step, seed, _trainable(model), copy.deepcopy(opt.state_dict()),
                                    copy.deepcopy(lr_sched.state_dict()), list(losses),
                                    scaler.state_dict() if scaler.is_enabled() else {})
                 on_checkpoint(state)
@@ -187,5 +202,6 @@ def train_ddpm(
     return losses
 
 
-def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable parameters (all of a UNet's; the adapters of a LoRA model)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}

@@ -70,11 +70,22 @@ def load_stack(run: RunStore, cfg: ExperimentConfig, key: str) -> tuple[sd.SDSta
     return stack, digest
 
 
-def train_model(run: RunStore, cfg: ExperimentConfig, key: str, subset: int | None, seed: int, digest: str) -> dict:
+def _save_lora(run: RunStore, key: str, stack: sd.SDStack) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sd.save_lora(stack, tmp)
+        run.put_dir(tmp, key)
+
+
+def train_model(
+    run: RunStore, cfg: ExperimentConfig, key: str, subset: int | None, seed: int, digest: str, keep_all: bool = False
+) -> dict:
     """Train LoRA weights on the train split (or LDS subset ``subset``) with their captions; store them at ``key``.
 
-    No mid-run checkpoints: a killed LoRA training restarts from scratch.
+    Checkpoints (adapter weights and training state) are kept as for a UNet
+    (:func:`dtrak_ray.stages.train.train_model`): a rerun after a crash resumes from the latest.
     """
+    from dtrak_ray.stages.train import checkpoint_every, load_checkpoint, save_checkpoint
+
     if run.done(key, digest):
         return {"status": "skipped", **(run.marker(key) or {})}
     images = torch.from_numpy(run.read_array(f"{run.INDICES}/train_images"))
@@ -83,17 +94,31 @@ def train_model(run: RunStore, cfg: ExperimentConfig, key: str, subset: int | No
         mask = torch.from_numpy(run.read_array(f"{run.INDICES}/masks")[subset])
         images, labels = images[mask], labels[mask]
     device = device_of(cfg)
-    stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed).to(device)
+    resume = None
+    ckpts = run.checkpoints(key, digest)
+    if ckpts:
+        with tempfile.TemporaryDirectory() as tmp:
+            stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed, lora_dir=run.local_dir(ckpts[-1][1], tmp))
+        lora = {n: p.detach().clone() for n, p in stack.unet.named_parameters() if p.requires_grad}
+        resume = load_checkpoint(run, ckpts[-1][1], seed, lora)
+    else:
+        stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed)
+    stack.to(device)
     latents = sd.encode_images(stack, images)
     flipped = sd.encode_images(stack, images.flip(-1)) if cfg.train.random_flip else None
     emb = sd.encode_prompts(stack, captions(run)).cpu()
-    losses = sd.train_lora(stack, latents, emb[labels], recipe_of(cfg), seed, flipped=flipped)
-    with tempfile.TemporaryDirectory() as tmp:
-        sd.save_lora(stack, tmp)
-        run.put_dir(tmp, key)
-    record = dict(digest=digest, seed=seed, final_loss=losses[-1], n_images=int(images.shape[0]), epochs=cfg.train.epochs, device=str(device))
+    losses = sd.train_lora(
+        stack, latents, emb[labels], recipe_of(cfg), seed, flipped=flipped, resume=resume, checkpoint_every=checkpoint_every(cfg),
+        on_checkpoint=lambda state: save_checkpoint(run, key, state, digest, keep_all, lambda ckpt: _save_lora(run, ckpt, stack)),
+    )
+    _save_lora(run, key, stack)
+    record = dict(digest=digest, seed=seed, final_loss=losses[-1], n_images=int(images.shape[0]), epochs=cfg.train.epochs,
+                  resumed_from_epoch=resume.epoch if resume else 0, device=str(device))
     run.mark_done(key, **record)
-    return {"status": "trained", **record}
+    if not keep_all:
+        for _, old in run.checkpoints(key):
+            run.delete(old)
+    return {"status": "resumed" if resume else "trained", **record}
 
 
 def generate(indices: list[int], run: RunStore, cfg: ExperimentConfig, key: str) -> np.ndarray:

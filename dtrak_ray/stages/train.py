@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -44,11 +45,15 @@ def checkpoint_every(cfg: ExperimentConfig) -> int:
     return cfg.train.checkpoint_every or max(1, cfg.train.epochs // 4)
 
 
-def _save_checkpoint(run: RunStore, key: str, model: torch.nn.Module, state: TrainState, digest: str, keep_all: bool) -> None:
+def save_checkpoint(
+    run: RunStore, key: str, state: TrainState, digest: str, keep_all: bool, save_weights: Callable[[str], None]
+) -> None:
+    """Store a training checkpoint of the model at ``key``: its weights (``save_weights(ckpt_key)``), then
+    the optimizer, scheduler, scaler and step, then the marker; older ones go unless ``keep_all``."""
     ckpt = run.checkpoint(key, state.epoch)
-    save_model(run, ckpt, model)
+    save_weights(ckpt)
     buf = io.BytesIO()
-    torch.save({k: v for k, v in state.to_dict().items() if k != "model"}, buf)  # the weights are in the diffusers dir
+    torch.save({k: v for k, v in state.to_dict().items() if k != "model"}, buf)  # the weights are saved beside
     run.write_bytes(f"{ckpt}/{run.TRAIN_STATE}", buf.getvalue())
     run.mark_done(ckpt, digest=digest, epoch=state.epoch, step=state.step)
     if not keep_all:  # a subset model needs only its latest checkpoint to resume
@@ -57,10 +62,10 @@ def _save_checkpoint(run: RunStore, key: str, model: torch.nn.Module, state: Tra
                 run.delete(old)
 
 
-def _load_checkpoint(run: RunStore, ckpt: str, seed: int) -> TrainState:
-    model, _ = load_model(run, ckpt)
+def load_checkpoint(run: RunStore, ckpt: str, seed: int, weights: dict[str, torch.Tensor]) -> TrainState:
+    """The training state stored at ``ckpt``, with the ``weights`` its caller loaded from there."""
     extra = torch.load(io.BytesIO(run.read_bytes(f"{ckpt}/{run.TRAIN_STATE}")), weights_only=True)
-    return TrainState.from_dict({**extra, "model": model.state_dict(), "seed": extra.get("seed", seed)})
+    return TrainState.from_dict({**extra, "model": weights, "seed": extra.get("seed", seed)})
 
 
 def train_model(
@@ -79,12 +84,12 @@ def train_model(
     resume = None
     ckpts = run.checkpoints(key, digest)
     if ckpts:
-        resume = _load_checkpoint(run, ckpts[-1][1], seed)
+        resume = load_checkpoint(run, ckpts[-1][1], seed, load_model(run, ckpts[-1][1])[0].state_dict())
     device = device_of(cfg)
     model.to(device)
     losses = train_ddpm(
         model, scheduler_of(cfg), images, recipe_of(cfg), seed, resume=resume, checkpoint_every=checkpoint_every(cfg),
-        on_checkpoint=lambda state: _save_checkpoint(run, key, model, state, digest, keep_all),
+        on_checkpoint=lambda state: save_checkpoint(run, key, state, digest, keep_all, partial(save_model, run, model=model)),
     )
     model.to("cpu")
     save_model(run, key, model)
@@ -108,7 +113,7 @@ def _train_one(job: ModelJob, run: RunStore, cfg: ExperimentConfig, digest: str)
     if cfg.model.kind == "sd-lora":  # Stable Diffusion + LoRA: captions, latents (stages/sd_lora.py)
         from dtrak_ray.stages import sd_lora
 
-        return sd_lora.train_model(run, cfg, job.key(run), job.subset, seed, digest)["status"]
+        return sd_lora.train_model(run, cfg, job.key(run), job.subset, seed, digest, keep_all=job.subset is None)["status"]
     return train_model(run, cfg, job.key(run), images, seed, digest, keep_all=job.subset is None)["status"]
 
 

@@ -109,3 +109,17 @@ def test_artbench2_with_stable_diffusion_lora(ray_local, tmp_path):
     assert feats.shape == (cfg.data.n_train, 16) and np.abs(feats[...]).sum() > 0
     summary = run.read_json(run.SUMMARY)
     assert {("D-TRAK", "val"), ("TRAK", "gen")} <= {(r["method"], r["test_set"]) for r in summary["lds"]}
+    # LoRA training checkpoints like a UNet's: a training that died after epoch 1 (its later
+    # checkpoint and its final weights never written) resumes there and ends bit-identical.
+    from dtrak_ray.stages import sd_lora
+
+    cfg2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2, "checkpoint_every": 1})})
+    key = "models/lora-resume"
+    record = sd_lora.train_model(run, cfg2, key, None, 7, "r1", keep_all=True)
+    assert record["status"] == "trained" and [e for e, _ in run.checkpoints(key, "r1")] == [1, 2]
+    whole = run.read_bytes(f"{key}/lora.safetensors")
+    run.delete(key)
+    run.delete(run.checkpoints(key)[-1][1])
+    record = sd_lora.train_model(run, cfg2, key, None, 7, "r1", keep_all=True)
+    assert record["status"] == "resumed" and record["resumed_from_epoch"] == 1
+    assert run.read_bytes(f"{key}/lora.safetensors") == whole
