@@ -359,7 +359,7 @@ class RunStore:
     def report_file(name: str) -> str:
         return f"report/{name}"
 
-    # The Ray Tune sweep (dtrak_ray/sweep.py): results, Tune's own experiment folder, and the markers
+    # The Ray Tune sweep (dtrak_ray/sweep/): results, Tune's own experiment folder, and the markers
     # of features it computes itself (kept apart from the featurize stage's shard markers).
     SWEEP = "results/sweep.json"
     SWEEP_TUNE = "sweep/tune"

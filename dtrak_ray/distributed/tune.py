@@ -2,7 +2,7 @@
 
 ``tune_grid(trial_fn, inputs, space, metric, resources, storage_path, name)`` runs one Tune trial per
 point of the Cartesian product of ``space`` (``{name: [values]}``). ``trial_fn(params, inputs) -> dict``
-is Ray-free (dtrak_ray/sweep.py); the trainable here only calls it and reports its dict with
+is Ray-free (dtrak_ray/sweep/); the trainable here only calls it and reports its dict with
 ``ray.tune.report`` (``ray.train.report`` is an error inside Tune). ``inputs`` goes to the object
 store once (``tune.with_parameters``), not into every trial's closure. Each trial asks for one
 worker's CPUs and at most ``resources.workers`` run at once, so trials are sized like the other

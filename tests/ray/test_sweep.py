@@ -9,6 +9,8 @@ featurize code computes at both dimensions, and for the projectors themselves.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,7 +220,7 @@ def test_demo_config_has_a_sweep():
 
 
 def test_sweep_constants_mirror_the_stages():
-    """sweep.py keeps torch out of Tune trials by mirroring two constants and a key of the stages: they must agree."""
+    """dtrak_ray.sweep keeps torch out of Tune trials by mirroring two constants and a key of the stages: they must agree."""
     from dtrak_ray import sweep
     from dtrak_ray.stages import common, featurize
 
@@ -226,3 +228,6 @@ def test_sweep_constants_mirror_the_stages():
     run = Store("memory://sweep-constants").run("x")
     assert sweep.TEST_SETS == common.TEST_SETS and sweep.MODEL == featurize.MODEL
     assert sweep.features_key(run, cfg, "val", "l_avg", 4, 16) == featurize.features_key(run, cfg, "val", "l_avg", 4, 16)
+    # ... and importing the sweep, as every trial does, loads neither torch nor diffusers.
+    probe = "import sys, dtrak_ray.sweep; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
