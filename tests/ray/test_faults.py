@@ -4,7 +4,7 @@
     of a real moto server; the proxy fails a seeded ~20% of the requests with HTTP 500 (half before
     forwarding them, half after: the request took effect but its answer is lost). The SDKs' own retries
     are switched off (botocore max_attempts=1; s3fs does not retry InternalError), so the store's own
-    retry-with-backoff (dtrak_ray/storage.py) is what carries the run. Every array and the LDS numbers
+    retry-with-backoff (dtrak_ray/store_retries.py) is what carries the run. Every array and the LDS numbers
     equal those of an undisturbed run on a local store.
 (b) A partial write is never taken for a complete one: one feature shard's chunk truncated and one
     ground-truth chunk zeroed, their markers absent (as a crash between the write and its marker
@@ -36,7 +36,7 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from dtrak_ray import storage
+from dtrak_ray import store_retries
 from dtrak_ray.cli import app
 from dtrak_ray.config import parse_config
 from dtrak_ray.errors import MissingArtifactError
@@ -263,7 +263,7 @@ def test_transient_store_errors_partial_writes_and_provenance(flaky_s3, tmp_path
     (ValueError("bad chunk"), False),
 ])
 def test_transient_errors_are_told_apart(exc: BaseException, transient: bool):
-    assert storage.is_transient(exc) is transient
+    assert store_retries.is_transient(exc) is transient
 
 
 def test_retry_call_retries_transient_errors_a_bounded_number_of_times(monkeypatch, caplog):
@@ -277,17 +277,17 @@ def test_retry_call_retries_transient_errors_a_bounded_number_of_times(monkeypat
             raise exc
         return "ok"
 
-    before = storage.retry_count
-    assert storage.retry_call(flaky, 3, OSError(errno.EIO, "injected"), what="put x") == "ok"
-    assert len(calls) == 4 and storage.retry_count - before == 3
+    before = store_retries.retry_count
+    assert store_retries.retry_call(flaky, 3, OSError(errno.EIO, "injected"), what="put x") == "ok"
+    assert len(calls) == 4 and store_retries.retry_count - before == 3
     assert "transient OSError on put x (attempt 1 of 4)" in caplog.text
     calls.clear()
     with pytest.raises(OSError, match="injected"):  # still failing after 4 attempts: the error surfaces
-        storage.retry_call(flaky, 10, OSError(errno.EIO, "injected"))
+        store_retries.retry_call(flaky, 10, OSError(errno.EIO, "injected"))
     assert len(calls) == 4
     calls.clear()
     with pytest.raises(FileNotFoundError):  # a missing key is an answer, not a fault: no retry
-        storage.retry_call(flaky, 10, FileNotFoundError("k"))
+        store_retries.retry_call(flaky, 10, FileNotFoundError("k"))
     assert len(calls) == 1
 
 
@@ -312,6 +312,6 @@ def test_a_delete_whose_answer_was_lost_is_not_an_error(tmp_path: Path, monkeypa
         if (exc := next(answers, None)) is not None:
             raise exc
 
-    assert storage.retry_call(remove, target, deletes=True) is None and not target.exists()
+    assert store_retries.retry_call(remove, target, deletes=True) is None and not target.exists()
     with pytest.raises(FileNotFoundError):  # without a lost answer, a missing file is still an error
-        storage.retry_call(remove, target, deletes=True)
+        store_retries.retry_call(remove, target, deletes=True)
