@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from rich.console import Console
 
 from dtrak_ray.config import parse_config
 from dtrak_ray.core.diffusion import timestep_grid
@@ -44,9 +46,15 @@ def test_driver_killed_then_rerun_computes_only_missing_shards(tmp_path: Path):
         capture_output=True, text=True, timeout=300,
     )
     assert prep.returncode != 0 and "needs stage" in prep.stdout + prep.stderr  # stages refuse to run out of order
-    for stage in ("data", "train", "generate"):
-        done = subprocess.run(CLI + [stage, str(config), "--store", str(store)], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
+    # The stages before featurize, in this process (one local Ray instead of one per stage command).
+    import ray
+
+    from dtrak_ray.pipeline import run_pipeline
+
+    try:
+        run_pipeline(parse_config(raw), str(store), stages=["data", "train", "generate"], console=Console(file=io.StringIO()))
+    finally:
+        ray.shutdown()
 
     run = Store(str(store)).run("restart")
     shard_markers = run.path("_markers/features/**/shard-*.json")
