@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from dtrak_ray.config import ExperimentConfig, config_diff, dump_config, parse_config
-from dtrak_ray.distributed.cluster import Resources, available_workers, connect
+from dtrak_ray.distributed.cluster import Resources, available_workers, connect, require_fit
 from dtrak_ray.errors import MissingArtifactError, RunConflictError
 from dtrak_ray.stages.baselines import run_baselines
 from dtrak_ray.stages.common import Context, Stage
@@ -76,6 +76,7 @@ def claim_run(run: RunStore, cfg: ExperimentConfig, overwrite: bool) -> None:
 
 def resources_of(cfg: ExperimentConfig) -> Resources:
     r = cfg.resources
+    require_fit(r.cpus_per_worker, r.gpus_per_worker)
     workers = r.num_workers or available_workers(r.cpus_per_worker, r.gpus_per_worker)
     return Resources(workers=workers, cpus=r.cpus_per_worker, gpus=r.gpus_per_worker, torch_threads=r.torch_threads)
 

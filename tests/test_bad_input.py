@@ -232,6 +232,9 @@ def test_wrong_credentials_are_refused(stored_run, tmp_path: Path):
 @pytest.mark.parametrize("args, expect", [
     (["show-config", "{tmp}/absent.yaml"], "absent.yaml not found"),
     (["featurize", "{config}", "--store", "{tmp}/s", "--set", "lds.alpha=2"], "lds.alpha"),
+    # A worker size the local Ray this command starts can never schedule (Ray would wait forever).
+    (["data", "{config}", "--store", "{tmp}/s", "--set", "resources.gpus_per_worker=64"],
+     "resources.gpus_per_worker=64, but the local Ray instance on this machine has"),
 ])
 def test_bad_input_through_the_console_script(args: list[str], expect: str, stored_run, tmp_path: Path):
     """The installed entry point itself (a subprocess): exit code 2, one clear line, no traceback."""
