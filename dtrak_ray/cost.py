@@ -147,9 +147,7 @@ def measure(model: torch.nn.Module, batch_size: int, device: str = "cpu", steps:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g).to(device)
         t = torch.randint(0, 1000, (b,), generator=g).to(device)
-
         params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights only, for SD + LoRA
-
         opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step() -> None:

@@ -124,12 +124,17 @@ def load_sd(pretrained: str | Path, rank: int, seed: int, lora_dir: str | Path |
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     add_lora(unet, rank, seed)
     if lora_dir is not None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(unet, load_file(str(Path(lora_dir) / "lora.safetensors")))
+        load_lora(unet, lora_dir)
     use_plain_attention(unet)  # vmap over fused attention takes a slow path
     return SDStack(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def load_lora(unet: UNet2DConditionModel, directory: str | Path) -> None:
+    """Load the LoRA weights :func:`save_lora` wrote in ``directory`` into ``unet``'s adapters."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(unet, load_file(str(Path(directory) / "lora.safetensors")))
 
 
 def save_lora(stack: SDStack, directory: str | Path) -> Path:
@@ -200,9 +205,7 @@ def train_lora(
     """
     if latents.shape[0] == 0:
         raise ValueError("no training latents")
-    losses = train_ddpm(stack.unet, stack.scheduler, latents, recipe, seed, cond=embeddings, flipped=flipped, **checkpointing)
-    stack.unet.eval()
-    return losses
+    return train_ddpm(stack.unet, stack.scheduler, latents, recipe, seed, cond=embeddings, flipped=flipped, **checkpointing)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch
 from dtrak_ray.config import ExperimentConfig
 from dtrak_ray.core import sd
 from dtrak_ray.core.projectors import Projector
+from dtrak_ray.core.training import TrainState
 from dtrak_ray.stages.common import device_of, recipe_of
 from dtrak_ray.storage import RunStore
 
@@ -81,10 +82,10 @@ def train_model(
 ) -> dict:
     """Train LoRA weights on the train split (or LDS subset ``subset``) with their captions; store them at ``key``.
 
-    Checkpoints (adapter weights and training state) are kept as for a UNet
-    (:func:`dtrak_ray.stages.train.train_model`): a rerun after a crash resumes from the latest.
+    Checkpoints (adapter weights and training state) and resume as for a UNet
+    (:func:`dtrak_ray.stages.train.fit_and_store`).
     """
-    from dtrak_ray.stages.train import checkpoint_every, load_checkpoint, save_checkpoint
+    from dtrak_ray.stages.train import checkpoint_every, fit_and_store
 
     if run.done(key, digest):
         return {"status": "skipped", **(run.marker(key) or {})}
@@ -93,32 +94,21 @@ def train_model(
     if subset is not None:
         mask = torch.from_numpy(run.read_array(f"{run.INDICES}/masks")[subset])
         images, labels = images[mask], labels[mask]
-    device = device_of(cfg)
-    resume = None
-    ckpts = run.checkpoints(key, digest)
-    if ckpts:
+    stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed).to(device_of(cfg))
+
+    def load_weights(ckpt: str) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory() as tmp:
-            stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed, lora_dir=run.local_dir(ckpts[-1][1], tmp))
-        lora = {n: p.detach().clone() for n, p in stack.unet.named_parameters() if p.requires_grad}
-        resume = load_checkpoint(run, ckpts[-1][1], seed, lora)
-    else:
-        stack = sd.load_sd(cfg.model.pretrained, cfg.model.lora_rank, seed)
-    stack.to(device)
-    latents = sd.encode_images(stack, images)
-    flipped = sd.encode_images(stack, images.flip(-1)) if cfg.train.random_flip else None
-    emb = sd.encode_prompts(stack, captions(run)).cpu()
-    losses = sd.train_lora(
-        stack, latents, emb[labels], recipe_of(cfg), seed, flipped=flipped, resume=resume, checkpoint_every=checkpoint_every(cfg),
-        on_checkpoint=lambda state: save_checkpoint(run, key, state, digest, keep_all, lambda ckpt: _save_lora(run, ckpt, stack)),
-    )
-    _save_lora(run, key, stack)
-    record = dict(digest=digest, seed=seed, final_loss=losses[-1], n_images=int(images.shape[0]), epochs=cfg.train.epochs,
-                  resumed_from_epoch=resume.epoch if resume else 0, device=str(device))
-    run.mark_done(key, **record)
-    if not keep_all:
-        for _, old in run.checkpoints(key):
-            run.delete(old)
-    return {"status": "resumed" if resume else "trained", **record}
+            sd.load_lora(stack.unet, run.local_dir(ckpt, tmp))
+        return {n: p.detach().clone() for n, p in stack.unet.named_parameters() if p.requires_grad}
+
+    def fit(resume: TrainState | None, on_checkpoint: Callable[[TrainState], None]) -> list[float]:
+        latents = sd.encode_images(stack, images)
+        flipped = sd.encode_images(stack, images.flip(-1)) if cfg.train.random_flip else None
+        emb = sd.encode_prompts(stack, captions(run)).cpu()
+        return sd.train_lora(stack, latents, emb[labels], recipe_of(cfg), seed, flipped=flipped, resume=resume,
+                             checkpoint_every=checkpoint_every(cfg), on_checkpoint=on_checkpoint)
+
+    return fit_and_store(run, cfg, key, seed, digest, keep_all, int(images.shape[0]), fit, lambda k: _save_lora(run, k, stack), load_weights)
 
 
 def generate(indices: list[int], run: RunStore, cfg: ExperimentConfig, key: str) -> np.ndarray:

@@ -68,6 +68,38 @@ def load_checkpoint(run: RunStore, ckpt: str, seed: int, weights: dict[str, torc
     return TrainState.from_dict({**extra, "model": weights, "seed": extra.get("seed", seed)})
 
 
+def fit_and_store(
+    run: RunStore,
+    cfg: ExperimentConfig,
+    key: str,
+    seed: int,
+    digest: str,
+    keep_all: bool,
+    n_images: int,
+    fit: Callable[[TrainState | None, Callable[[TrainState], None]], list[float]],
+    save_weights: Callable[[str], None],
+    load_weights: Callable[[str], dict[str, torch.Tensor]],
+) -> dict:
+    """The bookkeeping around training one model (a UNet, or SD LoRA adapters) stored at ``key``.
+
+    Resumes from the latest checkpoint made from the same inputs (``digest``; ``load_weights(ckpt)``
+    gives its weights), calls ``fit(resume, on_checkpoint)``, stores the final weights
+    (``save_weights(key)``) and the completion record, and, unless ``keep_all``, removes the
+    checkpoints. Checkpoints go to ``run.checkpoint(key, epoch)`` (:func:`save_checkpoint`).
+    """
+    ckpts = run.checkpoints(key, digest)
+    resume = load_checkpoint(run, ckpts[-1][1], seed, load_weights(ckpts[-1][1])) if ckpts else None
+    losses = fit(resume, lambda state: save_checkpoint(run, key, state, digest, keep_all, save_weights))
+    save_weights(key)
+    record = dict(digest=digest, seed=seed, final_loss=losses[-1], n_images=n_images, resumed_from_epoch=resume.epoch if resume else 0,
+                  epochs=cfg.train.epochs, device=str(device_of(cfg)))
+    run.mark_done(key, **record)
+    if not keep_all:
+        for _, old in run.checkpoints(key):
+            run.delete(old)
+    return {"status": "resumed" if resume else "trained", **record}
+
+
 def train_model(
     run: RunStore, cfg: ExperimentConfig, key: str, images: torch.Tensor, seed: int, digest: str, keep_all: bool = False
 ) -> dict:
@@ -80,26 +112,20 @@ def train_model(
     """
     if run.done(key, digest):
         return {"status": "skipped", **(run.marker(key) or {})}
-    model = new_model(cfg, seed)
-    resume = None
-    ckpts = run.checkpoints(key, digest)
-    if ckpts:
-        resume = load_checkpoint(run, ckpts[-1][1], seed, load_model(run, ckpts[-1][1])[0].state_dict())
-    device = device_of(cfg)
-    model.to(device)
-    losses = train_ddpm(
-        model, scheduler_of(cfg), images, recipe_of(cfg), seed, resume=resume, checkpoint_every=checkpoint_every(cfg),
-        on_checkpoint=lambda state: save_checkpoint(run, key, state, digest, keep_all, partial(save_model, run, model=model)),
+    model = new_model(cfg, seed).to(device_of(cfg))
+
+    def fit(resume: TrainState | None, on_checkpoint: Callable[[TrainState], None]) -> list[float]:
+        losses = train_ddpm(
+            model, scheduler_of(cfg), images, recipe_of(cfg), seed, resume=resume, checkpoint_every=checkpoint_every(cfg),
+            on_checkpoint=on_checkpoint,
+        )
+        model.to("cpu")
+        return losses
+
+    return fit_and_store(
+        run, cfg, key, seed, digest, keep_all, int(images.shape[0]), fit, partial(save_model, run, model=model),
+        lambda ckpt: load_model(run, ckpt)[0].state_dict(),
     )
-    model.to("cpu")
-    save_model(run, key, model)
-    record = dict(digest=digest, seed=seed, final_loss=losses[-1], n_images=int(images.shape[0]),
-                  resumed_from_epoch=resume.epoch if resume else 0, epochs=cfg.train.epochs, device=str(device))
-    run.mark_done(key, **record)
-    if not keep_all:
-        for _, old in run.checkpoints(key):
-            run.delete(old)
-    return {"status": "resumed" if resume else "trained", **record}
 
 
 def _train_one(job: ModelJob, run: RunStore, cfg: ExperimentConfig, digest: str) -> str:
